@@ -1,0 +1,120 @@
+"""Model checkpoints: a directory with ``config.json`` + ``model.safetensors`` (+ ``tokenizer/``).
+
+Never pickle. Keys are the official BLIP names. Tensors shared inside the model (tied
+encoder/decoder layers, the LM head tied to the word embeddings) are written under every name
+they have, as the official checkpoints do, so each key loads on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model.blip import MODEL_CLASSES, BlipBase
+from .model.config import BlipConfig
+from .model.vit import interpolate_pos_embed
+
+FORMAT = "blip-bootstrap/1"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``state_dict`` with every tensor owning its storage (safetensors refuses shared storage)."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone().contiguous() if ptr in seen or not v.is_contiguous() else v
+        seen.add(ptr)
+    return {k: v.cpu() for k, v in out.items()}
+
+
+def save_model(
+    model: BlipBase, directory: str | Path, tokenizer=None, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model`` (and ``tokenizer``) to ``directory`` atomically (temp dir + rename)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    meta = {"format": FORMAT, "arch": type(model).__name__, "config": model.cfg.to_dict(), **(metadata or {})}
+    (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    save_file(state_dict_for_save(model), str(tmp / WEIGHTS), metadata={"format": "pt", "arch": meta["arch"]})
+    if tokenizer is not None:
+        tokenizer.save(tmp / "tokenizer")
+    if directory.exists():  # swap in, so a crash leaves either the old or the new checkpoint
+        old = directory.with_name(f".{directory.name}.old")
+        _rmtree(old)
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        _rmtree(old)
+    else:
+        os.replace(tmp, directory)
+    return directory
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def read_config(directory: str | Path) -> tuple[str, BlipConfig]:
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a blip-bootstrap checkpoint directory")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    return meta["arch"], BlipConfig.from_dict(meta["config"])
+
+
+def load_model(directory: str | Path, arch: str | None = None, strict: bool = True, **model_kwargs) -> BlipBase:
+    """Build the model saved in ``directory`` (or as ``arch``, e.g. a captioner from a pre-trained
+    checkpoint: towers the target lacks are dropped, towers it has but the file lacks are
+    reported)."""
+    saved_arch, cfg = read_config(directory)
+    arch = arch or saved_arch
+    if arch not in MODEL_CLASSES:
+        raise ValueError(f"unknown model class {arch!r}; known: {sorted(MODEL_CLASSES)}")
+    model = MODEL_CLASSES[arch](cfg, **model_kwargs)
+    state = load_file(str(Path(directory) / WEIGHTS))
+    report = load_weights(model, state, strict=strict and arch == saved_arch)
+    model.load_report = report
+    return model
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> dict[str, list[str]]:
+    """Copy ``state`` into ``model`` by name.
+
+    ``pos_embed`` tensors are interpolated when the image size changed; other shape mismatches
+    raise, naming the key. Returns ``{"missing": [...], "unexpected": [...]}``; with ``strict``
+    either list being non-empty raises.
+    """
+    own = model.state_dict()
+    state = dict(state)
+    for k in list(state):
+        if k not in own:
+            continue
+        if k.endswith("pos_embed") and state[k].shape != own[k].shape:
+            state[k] = interpolate_pos_embed(state[k], own[k].shape[1])
+        if state[k].shape != own[k].shape:
+            raise ValueError(
+                f"checkpoint key {k!r} has shape {tuple(state[k].shape)} but the model expects "
+                f"{tuple(own[k].shape)}: the checkpoint was made with another config"
+            )
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if strict and (missing or unexpected):
+        raise KeyError(f"checkpoint does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    if hasattr(model, "_pairs"):
+        model._pairs = None
+    return {"missing": missing, "unexpected": unexpected}

@@ -1,0 +1,194 @@
+"""Weight converters: official BLIP ``.pth`` → ours; ours ↔ transformers' BLIP classes.
+
+* Official → ours: the key names are already ours; drop ``*.position_ids``, interpolate
+  ``pos_embed`` to the target image size, keep only the towers the target model has.
+* Ours ↔ transformers: the vision keys follow the ten rename rules of
+  ``convert_blip_original_pytorch_to_hf.py`` (blip-facts §3.3); text keys are unchanged.
+  ``BlipForConditionalGeneration`` ↔ :class:`BlipCaptioner` (or the decoder of a pre-trained
+  model), ``BlipForImageTextRetrieval`` ↔ :class:`BlipRetrieval`.
+
+Traps handled here (blip-facts §3.4): transformers' text heads default to 8 and vision
+LayerNorm eps to 1e-5, and its LM label smoothing defaults to 0 — the generated configs set all
+three from ours.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_weights
+from .model.blip import BlipBase, BlipCaptioner, BlipRetrieval
+from .model.config import BlipConfig, TextConfig, VisionConfig
+
+# ours (official) -> transformers, applied in order to keys under "visual_encoder."
+_VISION_RULES = [
+    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
+    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
+    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
+    (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),
+    (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
+    (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
+    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
+]
+_HF_RULES = [
+    (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
+    (r"^vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
+    (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
+    (r"^vision_model\.post_layernorm\.", "visual_encoder.norm."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.", r"visual_encoder.blocks.\1.norm1."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.", r"visual_encoder.blocks.\1.norm2."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"visual_encoder.blocks.\1.attn.qkv."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
+]
+# Keys transformers' inference classes do not have (blip-facts §3.3).
+_TRAINING_ONLY = re.compile(r"(^|\.)(\w+_m)\.|^(image_queue|text_queue|idx_queue|queue_ptr|ptr_queue|temp)$")
+
+
+def _rename(key: str, rules) -> str:
+    for pat, rep in rules:
+        new, n = re.subn(pat, rep, key)
+        if n:
+            return new
+    return key
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our/official keys → transformers keys; training-only tensors (momentum, queues) dropped."""
+    return {_rename(k, _VISION_RULES): v for k, v in state.items() if not _TRAINING_ONLY.search(k)}
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {_rename(k, _HF_RULES): v for k, v in state.items() if not k.endswith("position_ids")}
+
+
+def hf_config(cfg: BlipConfig):
+    """A ``transformers.BlipConfig`` equivalent to ours (heads, eps, smoothing set explicitly)."""
+    from transformers import BlipConfig as HFBlipConfig, BlipTextConfig, BlipVisionConfig
+
+    t, v = cfg.text, cfg.vision
+    text = BlipTextConfig(
+        vocab_size=t.vocab_size, hidden_size=t.hidden_size, encoder_hidden_size=v.width,
+        intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads, max_position_embeddings=t.max_position_embeddings,
+        layer_norm_eps=t.layer_norm_eps, hidden_dropout_prob=t.hidden_dropout_prob,
+        attention_probs_dropout_prob=t.attention_probs_dropout_prob, pad_token_id=t.pad_token_id,
+        bos_token_id=t.bos_token_id, sep_token_id=t.sep_token_id, eos_token_id=t.sep_token_id,
+        label_smoothing=cfg.label_smoothing, tie_word_embeddings=t.tie_word_embeddings,
+        cls_token_id=t.cls_token_id, enc_token_id=t.enc_token_id,  # kept as extra attributes
+    )
+    vision = BlipVisionConfig(
+        hidden_size=v.width, intermediate_size=int(v.width * v.mlp_ratio), num_hidden_layers=v.depth,
+        num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
+        layer_norm_eps=v.layer_norm_eps,
+    )
+    return HFBlipConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), image_text_hidden_size=cfg.embed_dim,
+        label_smoothing=cfg.label_smoothing,
+    )
+
+
+def config_from_hf(hf_cfg) -> BlipConfig:
+    """Our config from a ``transformers.BlipConfig``."""
+    t, v = hf_cfg.text_config, hf_cfg.vision_config
+    mlp = v.intermediate_size / v.hidden_size
+    return BlipConfig(
+        vision=VisionConfig(
+            image_size=v.image_size, patch_size=v.patch_size, width=v.hidden_size, depth=v.num_hidden_layers,
+            heads=v.num_attention_heads, mlp_ratio=mlp, layer_norm_eps=v.layer_norm_eps,
+        ),
+        text=TextConfig(
+            vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
+            num_attention_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
+            max_position_embeddings=t.max_position_embeddings, layer_norm_eps=t.layer_norm_eps,
+            hidden_dropout_prob=t.hidden_dropout_prob, attention_probs_dropout_prob=t.attention_probs_dropout_prob,
+            pad_token_id=t.pad_token_id, sep_token_id=t.sep_token_id,
+            cls_token_id=getattr(t, "cls_token_id", None) or 101, bos_token_id=t.bos_token_id,
+            enc_token_id=getattr(t, "enc_token_id", None) or t.bos_token_id + 1,  # BLIP adds [ENC] after [DEC]
+        ),
+        embed_dim=getattr(hf_cfg, "image_text_hidden_size", 256),
+        # transformers defaults label_smoothing to 0 (a parity trap); BLIP trains with 0.1.
+        label_smoothing=0.1,
+    )
+
+
+def _load_into_hf(hf_model, state: dict[str, torch.Tensor]):
+    own = hf_model.state_dict()
+    sd = {k: v for k, v in to_hf_state_dict(state).items() if k in own}
+    missing = sorted(set(own) - set(sd) - {k for k in own if k.endswith("position_ids")})
+    if missing:
+        raise KeyError(f"transformers model keys without a source tensor: {missing[:8]}")
+    hf_model.load_state_dict(sd, strict=False)
+    return hf_model.eval()
+
+
+def to_hf_captioner(model: BlipBase):
+    """``transformers.BlipForConditionalGeneration`` with our ViT and text decoder."""
+    from transformers import BlipForConditionalGeneration
+
+    return _load_into_hf(BlipForConditionalGeneration(hf_config(model.cfg)), model.state_dict())
+
+
+def to_hf_retrieval(model: BlipBase):
+    """``transformers.BlipForImageTextRetrieval`` with our ViT, text encoder, projections, ITM head."""
+    from transformers import BlipForImageTextRetrieval
+
+    return _load_into_hf(BlipForImageTextRetrieval(hf_config(model.cfg)), model.state_dict())
+
+
+def _from_hf(hf_model, cls):
+    cfg = config_from_hf(hf_model.config)
+    model = cls(cfg)
+    state = from_hf_state_dict(hf_model.state_dict())
+    report = load_weights(model, state, strict=False)
+    # Tensors transformers never had (momentum encoders, queues, temp) keep their fresh init;
+    # momentum encoders restart as copies of the loaded towers.
+    if hasattr(model, "_build_momentum"):
+        for name, name_m in model.momentum_pairs:
+            getattr(model, name_m).load_state_dict(getattr(model, name).state_dict())
+    bad = [k for k in report["missing"] if not _TRAINING_ONLY.search(k)]
+    if bad:
+        raise KeyError(f"transformers checkpoint lacks {bad[:8]}")
+    return model.eval()
+
+
+def from_hf_captioner(hf_model) -> BlipCaptioner:
+    return _from_hf(hf_model, BlipCaptioner)
+
+
+def from_hf_retrieval(hf_model) -> BlipRetrieval:
+    return _from_hf(hf_model, BlipRetrieval)
+
+
+def save_hf(model: BlipBase, directory: str | Path, kind: str = "captioner", tokenizer=None) -> Path:
+    """Save a transformers-format model (``save_pretrained``) usable with ``transformers`` directly."""
+    hf = {"captioner": to_hf_captioner, "retrieval": to_hf_retrieval}[kind](model)
+    hf.save_pretrained(str(directory))
+    if tokenizer is not None:
+        tokenizer.hf.save_pretrained(str(directory))
+    return Path(directory)
+
+
+def from_official(state: dict[str, torch.Tensor], model: BlipBase) -> dict[str, list[str]]:
+    """Load an official BLIP state dict (``torch.load(path)["model"]``) into ``model``.
+
+    Drops ``*.position_ids``, interpolates ``pos_embed`` to the model's image size, ignores towers
+    the model lacks, and returns the load report (missing/unexpected keys).
+    """
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
+    report = load_weights(model, {k: v for k, v in state.items() if k in own}, strict=False)
+    report["unexpected"] = sorted(unexpected)
+    return report
+
+
+def load_official_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read an official ``.pth`` with the weights-only unpickler (no code from the file runs)."""
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    return ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt

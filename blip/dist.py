@@ -1,0 +1,56 @@
+"""torch.distributed helpers, in one place. Every function is a no-op in a single process."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as tdist
+
+
+def is_initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    return tdist.get_rank() if is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    """Rank 0 (also when launched by torchrun before the process group exists)."""
+    return rank() == 0 if is_initialized() else int(os.environ.get("RANK", "0")) == 0
+
+
+@torch.no_grad()
+def concat_all_gather(t: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 without gradient (momentum features for the queues)."""
+    if world_size() == 1:
+        return t
+    out = [torch.empty_like(t) for _ in range(world_size())]
+    tdist.all_gather(out, t.contiguous())
+    return torch.cat(out, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: torch.Tensor):
+        out = [torch.empty_like(t) for _ in range(world_size())]
+        tdist.all_gather(out, t.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g = torch.stack(grads)
+        tdist.all_reduce(g)
+        return g[rank()]
+
+
+def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 keeping the gradient path to every rank's input (BLIP's GatherLayer)."""
+    if world_size() == 1:
+        return t
+    return torch.cat(_GatherWithGrad.apply(t), dim=0)

@@ -1,0 +1,358 @@
+"""BLIP models: pre-training (ITC + ITM + LM), retrieval/filter (ITC + ITM), captioner (LM).
+
+Attribute names are the official ones (``visual_encoder``, ``text_encoder``, ``text_decoder``,
+``vision_proj``, ``text_proj``, ``itm_head``, ``temp``, ``*_m``, ``image_queue``,
+``text_queue``, ``queue_ptr`` / ``idx_queue`` + ``ptr_queue``), so ``state_dict()`` keys are
+official BLIP checkpoint keys.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import dist
+from . import losses
+from .config import BlipConfig
+from .generation import GenerationConfig, generate
+from .med import Role, TextDecoder, TextTransformer, init_bert_weights
+from .sharing import tie_text_towers
+from .vit import VisionEncoder
+
+
+class BlipBase(nn.Module):
+    """Pieces every BLIP model has: the ViT and the image/text feature helpers."""
+
+    def __init__(self, cfg: BlipConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual_encoder = VisionEncoder(cfg.vision)
+
+    # -- encoders --------------------------------------------------------------------------
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` → image tokens ``(B, 1 + N, D_v)``."""
+        return self.visual_encoder(image)
+
+    def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Normalised ITC image features ``(B, E)`` from the class token."""
+        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Normalised ITC text features ``(B, E)`` from the unimodal encoder's [CLS]."""
+        h = self.text_encoder(input_ids, attention_mask, Role.TEXT)
+        return F.normalize(self.text_proj(h[:, 0]), dim=-1)
+
+    def itm_logits(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """ITM logits ``(B, 2)`` (column 1 = match) of the image-grounded encoder's [ENC]."""
+        h = self.text_encoder(input_ids, attention_mask, Role.ENCODER, image_embeds)
+        return self.itm_head(h[:, 0])
+
+    # -- housekeeping ----------------------------------------------------------------------
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay: biases, norms, embeddings-like tokens, temp."""
+        names = set()
+        for n, p in self.named_parameters():
+            if p.ndim <= 1 or n.endswith(".bias") or n.endswith("cls_token") or n.endswith("pos_embed"):
+                names.add(n)
+        return names
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual_encoder.set_grad_checkpointing(enable)
+        for m in self.modules():
+            if isinstance(m, TextTransformer):
+                m.set_grad_checkpointing(enable)
+
+    def _init_text_weights(self) -> None:
+        for name in ("text_encoder", "text_decoder", "text_proj", "itm_head"):
+            if hasattr(self, name):
+                init_bert_weights(getattr(self, name))
+        if hasattr(self, "vision_proj"):
+            init_bert_weights(self.vision_proj)
+
+
+class CaptionMixin:
+    """``generate`` for every model with a ``text_decoder`` (captioner, pre-trained model)."""
+
+    @torch.no_grad()
+    def generate(
+        self,
+        image: torch.Tensor,
+        prompt_ids: list[int],
+        cfg: GenerationConfig | None = None,
+        seeds: list[int] | None = None,
+        generator: torch.Generator | None = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Caption ids ``(B, L)`` starting with the prompt; see :func:`generation.generate`."""
+        t = self.cfg.text
+        if image_embeds is None:
+            image_embeds = self.encode_image(image)
+        return generate(
+            self.text_decoder, image_embeds, prompt_ids, cfg or GenerationConfig(), t.sep_token_id, t.pad_token_id,
+            seeds=seeds, generator=generator,
+        )
+
+
+class MomentumITC(BlipBase):
+    """ITC with momentum encoders, feature queues and momentum distillation (ALBEF/BLIP §3.2)."""
+
+    #: name of the queue pointer buffer (``queue_ptr`` in pre-training, ``ptr_queue`` in retrieval)
+    ptr_name = "queue_ptr"
+    momentum_pairs = (
+        ("visual_encoder", "visual_encoder_m"),
+        ("vision_proj", "vision_proj_m"),
+        ("text_encoder", "text_encoder_m"),
+        ("text_proj", "text_proj_m"),
+    )
+
+    def _build_itc(self, cfg: BlipConfig, with_idx: bool) -> None:
+        t = cfg.text
+        self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
+        self.text_proj = nn.Linear(t.hidden_size, cfg.embed_dim)
+        self.itm_head = nn.Linear(t.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
+        if with_idx:
+            self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -100, dtype=torch.long))
+        self.register_buffer(self.ptr_name, torch.zeros(1, dtype=torch.long))
+
+    def _build_momentum(self) -> None:
+        """Momentum copies start as exact copies and never receive gradients (``copy_params``)."""
+        for name, name_m in self.momentum_pairs:
+            m = copy.deepcopy(getattr(self, name))
+            for p in m.parameters():
+                p.requires_grad_(False)
+            setattr(self, name_m, m)
+        self._pairs = None
+
+    def _momentum_params(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if getattr(self, "_pairs", None) is None:
+            src, dst = [], []
+            for name, name_m in self.momentum_pairs:
+                a, b = dict(getattr(self, name).named_parameters()), dict(getattr(self, name_m).named_parameters())
+                assert a.keys() == b.keys(), f"{name} and {name_m} differ in structure"
+                src += [a[k] for k in a]
+                dst += [b[k] for k in a]
+            self._pairs = (src, dst)
+        return self._pairs
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """``p_m = m * p_m + (1 - m) * p`` for every momentum parameter, fused."""
+        src, dst = self._momentum_params()
+        torch._foreach_lerp_(dst, [p.detach() for p in src], 1.0 - self.cfg.momentum)
+
+    @torch.no_grad()
+    def momentum_features(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        image_embeds_m = self.visual_encoder_m(image)
+        image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
+        h = self.text_encoder_m(input_ids, attention_mask, Role.TEXT)
+        text_feat_m = F.normalize(self.text_proj_m(h[:, 0]), dim=-1)
+        return image_feat_m, text_feat_m
+
+    @property
+    def queue_size(self) -> int:
+        return self.image_queue.shape[1]
+
+    @torch.no_grad()
+    def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+        """Write the (all-gathered) momentum features into the queues, wrapping around.
+
+        Unlike the official code there is no ``queue_size % batch_size == 0`` assertion
+        (BLIP issue #101): writes wrap around the end of the ring buffer.
+        """
+        image_feat, text_feat = dist.concat_all_gather(image_feat), dist.concat_all_gather(text_feat)
+        if idx is not None:
+            idx = dist.concat_all_gather(idx)
+        Q = self.queue_size
+        if image_feat.shape[0] > Q:  # keep only the newest Q
+            image_feat, text_feat = image_feat[-Q:], text_feat[-Q:]
+            idx = idx[-Q:] if idx is not None else None
+        ptr_buf = getattr(self, self.ptr_name)
+        ptr = int(ptr_buf)
+        cols = (ptr + torch.arange(image_feat.shape[0], device=image_feat.device)) % Q
+        self.image_queue[:, cols] = image_feat.T.to(self.image_queue.dtype)
+        self.text_queue[:, cols] = text_feat.T.to(self.text_queue.dtype)
+        if idx is not None:
+            self.idx_queue[:, cols] = idx.view(1, -1)
+        ptr_buf[0] = (ptr + image_feat.shape[0]) % Q
+
+    def itm_loss(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        weights_t2i: torch.Tensor,
+        weights_i2t: torch.Tensor,
+    ) -> torch.Tensor:
+        """ITM over ``[positives; (text, hard-negative image); (hard-negative text, image)]``.
+
+        ``weights_t2i[b]`` is the sampling distribution over images for text ``b`` (zero at its
+        positives); ``weights_i2t`` likewise over texts. One negative of each kind per sample.
+        """
+        B = input_ids.shape[0]
+        with torch.no_grad():
+            neg_img = losses.sample_hard_negatives(weights_t2i)  # (B,) image index per text
+            neg_txt = losses.sample_hard_negatives(weights_i2t)  # (B,) text index per image
+        ids = torch.cat([input_ids, input_ids, input_ids[neg_txt]])
+        mask = torch.cat([attention_mask, attention_mask, attention_mask[neg_txt]])
+        imgs = torch.cat([image_embeds, image_embeds[neg_img], image_embeds])
+        logits = self.itm_logits(imgs, ids, mask)  # (3B, 2)
+        return F.cross_entropy(logits.float(), losses.itm_labels(B, logits.device))
+
+    def clamp_temp(self) -> None:
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+
+
+class BlipPretrain(CaptionMixin, MomentumITC):
+    """BLIP pre-training model: ITC + ITM + LM with encoder/decoder sharing (Table 3)."""
+
+    def __init__(self, cfg: BlipConfig):
+        super().__init__(cfg)
+        self.text_encoder = TextTransformer(cfg.text, cfg.encoder_width)
+        self.text_decoder = TextDecoder(cfg.text, cfg.encoder_width)
+        self._build_itc(cfg, with_idx=False)
+        self._init_text_weights()
+        self.shared_params = tie_text_towers(self.text_encoder, self.text_decoder.bert, cfg.sharing)
+        self._build_momentum()
+
+    def forward(
+        self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, alpha: float = 0.4
+    ) -> dict[str, torch.Tensor]:
+        """Losses ``{"itc", "itm", "lm"}`` for a batch of (image, caption) pairs.
+
+        ``input_ids``/``attention_mask``: ``(B, T)`` tokenised captions ([CLS] ... [SEP], right
+        padded); the role token at position 0 is set per branch.
+        """
+        self.clamp_temp()
+        B = image.shape[0]
+        image_embeds = self.encode_image(image)
+        image_feat = self.image_features(image_embeds)
+        text_feat = self.text_features(input_ids, attention_mask)
+
+        with torch.no_grad():
+            self.momentum_update()
+            image_feat_m, text_feat_m = self.momentum_features(image, input_ids, attention_mask)
+            image_feat_all = torch.cat([image_feat_m.T, self.image_queue.clone()], dim=1)
+            text_feat_all = torch.cat([text_feat_m.T, self.text_queue.clone()], dim=1)
+            targets = losses.diagonal_targets(B, image_feat_all.shape[1], image.device)
+        loss_itc, sim_i2t, sim_t2i = losses.itc_loss(
+            image_feat, text_feat, image_feat_all, text_feat_all, targets, self.temp, alpha, image_feat_m, text_feat_m
+        )
+        self.enqueue(image_feat_m, text_feat_m)
+
+        with torch.no_grad():  # §3.4: hard negatives by ITC similarity within the batch
+            diag = torch.eye(B, dtype=torch.bool, device=image.device)
+            w_t2i = losses.hard_negative_weights(sim_t2i[:, :B], diag)
+            w_i2t = losses.hard_negative_weights(sim_i2t[:, :B], diag)
+        loss_itm = self.itm_loss(image_embeds, input_ids, attention_mask, w_t2i, w_i2t)
+
+        logits = self.text_decoder(input_ids, attention_mask, image_embeds)
+        labels = losses.lm_labels(input_ids, attention_mask)
+        loss_lm = losses.lm_loss(logits, labels, self.cfg.label_smoothing)
+        return {"itc": loss_itc, "itm": loss_itm, "lm": loss_lm}
+
+
+class BlipRetrieval(MomentumITC):
+    """Retrieval / filter model (``BLIP_Retrieval``): ITC + ITM, positives by image id."""
+
+    ptr_name = "ptr_queue"
+
+    def __init__(self, cfg: BlipConfig, negative_all_rank: bool = False):
+        super().__init__(cfg)
+        self.text_encoder = TextTransformer(cfg.text, cfg.encoder_width)
+        self._build_itc(cfg, with_idx=True)
+        self._init_text_weights()
+        self._build_momentum()
+        self.negative_all_rank = negative_all_rank
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        idx: torch.Tensor,
+        alpha: float = 0.4,
+    ) -> dict[str, torch.Tensor]:
+        """Losses ``{"itc", "itm"}``; ``idx`` ``(B,)`` image ids: same id = positive pair."""
+        self.clamp_temp()
+        idx = idx.view(-1, 1)
+        image_embeds = self.encode_image(image)
+        image_feat = self.image_features(image_embeds)
+        text_feat = self.text_features(input_ids, attention_mask)
+
+        with torch.no_grad():
+            idx_all = torch.cat([idx.T, self.idx_queue.clone()], dim=1)
+            targets = losses.idx_targets(idx, idx_all)
+            self.momentum_update()
+            image_feat_m, text_feat_m = self.momentum_features(image, input_ids, attention_mask)
+            image_feat_all = torch.cat([image_feat_m.T, self.image_queue.clone()], dim=1)
+            text_feat_all = torch.cat([text_feat_m.T, self.text_queue.clone()], dim=1)
+        loss_itc, _, _ = losses.itc_loss(
+            image_feat, text_feat, image_feat_all, text_feat_all, targets, self.temp, alpha, image_feat_m, text_feat_m
+        )
+        self.enqueue(image_feat_m, text_feat_m, idx)
+
+        if self.negative_all_rank and dist.world_size() > 1:
+            loss_itm = self._itm_all_rank(image_embeds, image_feat, text_feat, input_ids, attention_mask, idx)
+        else:
+            with torch.no_grad():
+                same = idx == idx.T
+                w_i2t = losses.hard_negative_weights(image_feat @ text_feat.T / self.temp, same, eps=0)
+                w_t2i = losses.hard_negative_weights(text_feat @ image_feat.T / self.temp, same, eps=0)
+            loss_itm = self.itm_loss(image_embeds, input_ids, attention_mask, w_t2i, w_i2t)
+        return {"itc": loss_itc, "itm": loss_itm}
+
+    def _itm_all_rank(self, image_embeds, image_feat, text_feat, input_ids, attention_mask, idx):
+        """Hard negatives drawn from every rank's batch; image tokens gathered *with* gradient."""
+        B = input_ids.shape[0]
+        idx_w = dist.concat_all_gather(idx)
+        image_feat_w = dist.concat_all_gather(image_feat)
+        text_feat_w = dist.concat_all_gather(text_feat)
+        image_embeds_w = dist.gather_with_grad(image_embeds)
+        ids_w = dist.concat_all_gather(input_ids)
+        mask_w = dist.concat_all_gather(attention_mask)
+        with torch.no_grad():
+            same = idx == idx_w.T  # (B, W*B)
+            w_t2i = losses.hard_negative_weights(text_feat @ image_feat_w.T / self.temp, same, eps=0)
+            w_i2t = losses.hard_negative_weights(image_feat @ text_feat_w.T / self.temp, same, eps=0)
+            neg_img = losses.sample_hard_negatives(w_t2i)
+            neg_txt = losses.sample_hard_negatives(w_i2t)
+        ids = torch.cat([input_ids, input_ids, ids_w[neg_txt]])
+        mask = torch.cat([attention_mask, attention_mask, mask_w[neg_txt]])
+        imgs = torch.cat([image_embeds, image_embeds_w[neg_img], image_embeds])
+        logits = self.itm_logits(imgs, ids, mask)
+        return F.cross_entropy(logits.float(), losses.itm_labels(B, logits.device))
+
+
+class BlipCaptioner(CaptionMixin, BlipBase):
+    """Captioner (``BLIP_Decoder``): ViT + image-grounded text decoder, LM with a prompt."""
+
+    def __init__(self, cfg: BlipConfig):
+        super().__init__(cfg)
+        self.text_decoder = TextDecoder(cfg.text, cfg.encoder_width)
+        init_bert_weights(self.text_decoder)
+
+    def forward(
+        self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """``{"lm"}``: ids are ``prompt + caption`` ([CLS] a picture of ... [SEP]); the first
+        ``prompt_length`` positions are not supervised (§1.8 of blip-facts: 4 for BERT)."""
+        image_embeds = self.encode_image(image)
+        logits = self.text_decoder(input_ids, attention_mask, image_embeds)
+        labels = losses.lm_labels(input_ids, attention_mask, prompt_length)
+        return {"lm": losses.lm_loss(logits, labels, self.cfg.label_smoothing)}
+
+
+MODEL_CLASSES: dict[str, type[BlipBase]] = {
+    "BlipPretrain": BlipPretrain,
+    "BlipRetrieval": BlipRetrieval,
+    "BlipCaptioner": BlipCaptioner,
+}

@@ -1,0 +1,141 @@
+"""Typed model configs and the size presets (``tiny``, ``small``, ``base``, ``large``).
+
+Presets are data (``presets/*.json``) mapped onto these dataclasses, as in open_clip. Every
+dataclass is built through :func:`from_dict`, which rejects unknown keys by name, so a typo in a
+preset or in ``params.yaml`` fails at load time instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+SHARING_STRATEGIES = ("all", "all_except_ca", "all_except_sa", "none")
+PRESETS = ("tiny", "small", "base", "large")
+
+
+@dataclass
+class VisionConfig:
+    """ViT as in BLIP's ``vit.py``: class token, pre-norm blocks, qkv bias, LayerNorm eps 1e-6."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    layer_norm_eps: float = 1e-6
+    grad_checkpointing: bool = False
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the encoder emits per image: class token + patches."""
+        return 1 + self.grid * self.grid
+
+
+@dataclass
+class TextConfig:
+    """BERT-style MED text transformer (``med.py``). Token ids come from the tokenizer."""
+
+    vocab_size: int = 30524
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    add_cross_attention: bool = True
+    tie_word_embeddings: bool = True
+    grad_checkpointing: bool = False
+    # Special tokens (bert-base-uncased + BLIP's two added tokens).
+    pad_token_id: int = 0
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    bos_token_id: int = 30522  # [DEC]: position 0 of every decoder input
+    enc_token_id: int = 30523  # [ENC]: position 0 of every image-grounded encoder input
+
+
+@dataclass
+class BlipConfig:
+    """Everything needed to build a BLIP model; saved as ``config.json`` beside the weights."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256  # ITC projection size (§3.2)
+    queue_size: int = 57600  # ITC feature queue length (pretrain.yaml)
+    momentum: float = 0.995  # EMA of the momentum encoders
+    temp: float = 0.07  # initial ITC temperature, clamped to [0.001, 0.5]
+    label_smoothing: float = 0.1  # LM loss
+    sharing: str = "all_except_sa"  # Table 3: BLIP shares all but self-attention
+    prompt: str = "a picture of "  # captioner prompt, masked out of the LM loss
+    preset: str = ""  # the preset this config came from (informational)
+
+    def __post_init__(self) -> None:
+        if self.sharing not in SHARING_STRATEGIES:
+            raise ValueError(
+                f"sharing={self.sharing!r} is not a sharing strategy; use one of {SHARING_STRATEGIES}"
+            )
+
+    @property
+    def encoder_width(self) -> int:
+        """Cross-attention key/value input size: the ViT width."""
+        return self.vision.width
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BlipConfig":
+        return from_dict(cls, d)
+
+
+def from_dict(cls: type[T], d: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from ``d``; unknown keys raise with the key's dotted name."""
+    if not isinstance(d, dict):
+        raise TypeError(f"config section {where or cls.__name__!r} must be a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise KeyError(f"unknown config key {name!r}; allowed keys: {sorted(fields)}")
+    kwargs = {}
+    for k, v in d.items():
+        ftype = fields[k].type
+        sub = {"VisionConfig": VisionConfig, "TextConfig": TextConfig}.get(
+            ftype if isinstance(ftype, str) else getattr(ftype, "__name__", "")
+        )
+        kwargs[k] = from_dict(sub, v, f"{where}.{k}" if where else k) if sub else v
+    return cls(**kwargs)
+
+
+def load_preset(name: str, **overrides: Any) -> BlipConfig:
+    """Load a size preset and apply overrides.
+
+    Overrides are top-level fields or ``vision``/``text`` dicts merged into the preset, e.g.
+    ``load_preset("tiny", text={"vocab_size": 1200}, queue_size=256)``.
+    """
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; choose one of {PRESETS}")
+    d = json.loads(resources.files("blip.model").joinpath(f"presets/{name}.json").read_text())
+    for k, v in overrides.items():
+        if isinstance(v, dict) and isinstance(d.get(k), dict):
+            d[k] = {**d[k], **v}
+        else:
+            d[k] = v
+    d["preset"] = name
+    return BlipConfig.from_dict(d)

@@ -1,0 +1,48 @@
+"""Small model configs and inputs shared by the model tests."""
+
+from __future__ import annotations
+
+import torch
+
+from blip.model import BlipConfig, TextConfig, VisionConfig
+
+
+def micro_config(**overrides) -> BlipConfig:
+    """A few-thousand-parameter BLIP whose special ids fit a 100-token vocabulary."""
+    cfg = BlipConfig(
+        vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2),
+        text=TextConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=40, pad_token_id=0, cls_token_id=2, sep_token_id=3, bos_token_id=5,
+            enc_token_id=6,
+        ),
+        embed_dim=16,
+        queue_size=24,
+    )
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every LayerNorm and bias non-trivial values, so a swapped or dropped key shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 or name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def text_inputs(batch: int, length: int, vocab: int = 100, seed: int = 0, cls: int = 2, sep: int = 3):
+    """Random ``[CLS] ... [SEP]`` ids, right-padded to ragged lengths."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(7, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    ids[:, 0] = cls
+    for b in range(batch):
+        n = length - (b % 3)  # some rows shorter
+        ids[b, n - 1] = sep
+        ids[b, n:] = 0
+        mask[b, n:] = 0
+    return ids, mask
