@@ -118,3 +118,24 @@ def test_round_trip_through_transformers_is_exact(captioner_pair, retrieval_pair
         # the momentum encoders restart as copies of the loaded towers
         if hasattr(again, "visual_encoder_m"):
             assert torch.equal(again.visual_encoder_m.pos_embed, again.visual_encoder.pos_embed)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generated_ids_match_when_captions_end_at_different_steps(num_beams):
+    # Stronger image conditioning and a likelier [SEP]: rows finish at different steps, which
+    # exercises dropping finished rows (greedy) and finished hypotheses (beam).
+    torch.manual_seed(0)
+    ours = perturb_(BlipCaptioner(micro_config())).eval()
+    with torch.no_grad():
+        for layer in ours.text_decoder.bert.encoder.layer:
+            layer.crossattention.output.dense.weight.mul_(20)
+        ours.text_decoder.cls.predictions.bias[3] = 0.3
+    hf = to_hf_captioner(ours)
+    img = 3 * _images(8, 1)
+    prompt = [2, 10, 11, 12]
+    ref = _hf_generate(hf, img, prompt, max_length=16, min_length=5, num_beams=num_beams)
+    method = "beam" if num_beams > 1 else "greedy"
+    got = ours.generate(img, prompt, GenerationConfig(method=method, num_beams=num_beams, max_length=16, min_length=5))
+    ends = {row.index(3) for row in _trim(got, 3)}
+    assert len(ends) > 1, "test needs captions of different lengths"
+    assert _trim(got, 3) == _trim(ref, 3)

@@ -42,14 +42,14 @@ class BlipBase(nn.Module):
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Normalised ITC text features ``(B, E)`` from the unimodal encoder's [CLS]."""
-        h = self.text_encoder(input_ids, attention_mask, Role.TEXT)
+        h = self.text_encoder(input_ids, attention_mask, Role.TEXT, first_only=True)
         return F.normalize(self.text_proj(h[:, 0]), dim=-1)
 
     def itm_logits(
         self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """ITM logits ``(B, 2)`` (column 1 = match) of the image-grounded encoder's [ENC]."""
-        h = self.text_encoder(input_ids, attention_mask, Role.ENCODER, image_embeds)
+        h = self.text_encoder(input_ids, attention_mask, Role.ENCODER, image_embeds, first_only=True)
         return self.itm_head(h[:, 0])
 
     # -- housekeeping ----------------------------------------------------------------------
@@ -152,7 +152,7 @@ class MomentumITC(BlipBase):
     def momentum_features(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         image_embeds_m = self.visual_encoder_m(image)
         image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
-        h = self.text_encoder_m(input_ids, attention_mask, Role.TEXT)
+        h = self.text_encoder_m(input_ids, attention_mask, Role.TEXT, first_only=True)
         text_feat_m = F.normalize(self.text_proj_m(h[:, 0]), dim=-1)
         return image_feat_m, text_feat_m
 

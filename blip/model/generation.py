@@ -106,40 +106,48 @@ def generate(
     return _sample_or_greedy(decoder, image_embeds, prompt_ids, cfg, eos_token_id, pad_token_id, seeds, generator)
 
 
-def _prefill(decoder, image_embeds, prompt_ids, rows, max_length, repeats=1):
-    device = image_embeds.device
-    cache = decoder.new_cache(image_embeds, rows, max_length, repeats=repeats)
-    prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device).expand(rows, -1)
+def _prefill(decoder, image_embeds, prompt_ids, max_length, repeats=1):
+    """Run the prompt once per image; with ``repeats`` (beams) fan the cache and logits out."""
+    B, device = image_embeds.shape[0], image_embeds.device
+    cache = decoder.new_cache(image_embeds, B, max_length)
+    prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device).expand(B, -1)
     logits = decoder(prompt, None, None, cache=cache, last_only=True)[:, -1]
+    if repeats > 1:
+        cache = cache.expand(repeats)
+        prompt, logits = prompt.repeat_interleave(repeats, 0), logits.repeat_interleave(repeats, 0)
     return cache, prompt, logits
 
 
 def _sample_or_greedy(decoder, image_embeds, prompt_ids, cfg, eos, pad, seeds, generator):
     B, P, L = image_embeds.shape[0], len(prompt_ids), cfg.max_length
-    cache, prompt, logits = _prefill(decoder, image_embeds, prompt_ids, B, L)
-    seqs = torch.full((B, L), pad, dtype=torch.long, device=image_embeds.device)
+    device = image_embeds.device
+    cache, prompt, logits = _prefill(decoder, image_embeds, prompt_ids, L)
+    seqs = torch.full((B, L), pad, dtype=torch.long, device=device)
     seqs[:, :P] = prompt
     sample = cfg.method == "nucleus"
-    u = _uniforms(B, L - P, seeds, generator, image_embeds.device) if sample else None
-    finished = torch.zeros(B, dtype=torch.bool, device=image_embeds.device)
+    u = _uniforms(B, L - P, seeds, generator, device) if sample else None
+    active = torch.arange(B, device=device)  # rows still generating; finished rows leave the batch
     cur = P
     while cur < L:
-        scores = _repetition_penalty(logits.float(), seqs[:, :cur], cfg.repetition_penalty)
+        scores = _repetition_penalty(logits.float(), seqs[active, :cur], cfg.repetition_penalty)
         if cur < cfg.min_length:
             scores[:, eos] = float("-inf")
         if sample:
             probs = _top_p(scores, cfg.top_p).softmax(dim=-1)
             cdf = probs.cumsum(dim=-1)
-            draw = u[:, cur - P : cur - P + 1] * cdf[:, -1:]
+            draw = u[active, cur - P : cur - P + 1] * cdf[:, -1:]
             nxt = torch.searchsorted(cdf, draw).squeeze(1).clamp_(max=probs.shape[1] - 1)
         else:
             nxt = scores.argmax(dim=-1)
-        nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
-        seqs[:, cur] = nxt
-        finished |= nxt == eos
+        seqs[active, cur] = nxt
         cur += 1
-        if bool(finished.all()) or cur == L:
+        done = nxt == eos
+        if bool(done.all()) or cur == L:
             break
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            cache.select(keep)
+            active, nxt = active[keep], nxt[keep]
         logits = decoder(nxt[:, None], None, None, cache=cache, last_only=True)[:, -1]
     return seqs[:, :cur]
 
@@ -147,7 +155,7 @@ def _sample_or_greedy(decoder, image_embeds, prompt_ids, cfg, eos, pad, seeds, g
 def _beam_search(decoder, image_embeds, prompt_ids, cfg, eos, pad):
     B, nb, P, L = image_embeds.shape[0], cfg.num_beams, len(prompt_ids), cfg.max_length
     device = image_embeds.device
-    cache, prompt, logits = _prefill(decoder, image_embeds, prompt_ids, B * nb, L, repeats=nb)
+    cache, prompt, logits = _prefill(decoder, image_embeds, prompt_ids, L, repeats=nb)
     V = logits.shape[-1]
     k = 2 * nb  # candidates kept per step, enough to leave nb running after EOS hits
     running = torch.full((B, nb, L), pad, dtype=torch.long, device=device)

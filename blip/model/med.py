@@ -72,6 +72,24 @@ class KVCache:
     cross_k: list[torch.Tensor] = field(default_factory=list)
     cross_v: list[torch.Tensor] = field(default_factory=list)
 
+    def expand(self, repeats: int, max_len: int | None = None) -> "KVCache":
+        """Each row repeated ``repeats`` times (beam search: prefill once per image, then fan out)."""
+        out = KVCache(max_len=max_len or self.max_len, length=self.length)
+        for src, dst in ((self.self_k, out.self_k), (self.self_v, out.self_v)):
+            for t in src:
+                B, H, _, D = t.shape
+                buf = t.new_empty(B * repeats, H, out.max_len, D)
+                buf[:, :, : self.length] = t[:, :, : self.length].repeat_interleave(repeats, 0)
+                dst.append(buf)
+        out.cross_k = [t.repeat_interleave(repeats, 0) for t in self.cross_k]
+        out.cross_v = [t.repeat_interleave(repeats, 0) for t in self.cross_v]
+        return out
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only rows ``index`` (drop finished captions from the batch)."""
+        for buf in (self.self_k, self.self_v, self.cross_k, self.cross_v):
+            buf[:] = [t.index_select(0, index) for t in buf]
+
     def reorder(self, index: torch.Tensor) -> None:
         """Select rows (beams) ``index`` of the self-attention cache; cross K/V are per image."""
         n = self.length
@@ -197,7 +215,10 @@ class Layer(nn.Module):
         image_mask: torch.Tensor | None,
         cache: KVCache | None = None,
         idx: int = 0,
+        first_only: bool = False,
     ) -> torch.Tensor:
+        """``first_only``: keys/values from every token, but queries (and so the output) only at
+        position 0 — all the last layer must compute when only [CLS]/[ENC] is read (ITC, ITM)."""
         sa = self.attention.self
         k, v = sa.project_kv(x)
         if cache is not None:  # write this step's keys/values, attend to everything so far
@@ -205,6 +226,10 @@ class Layer(nn.Module):
             cache.self_k[idx][:, :, n : n + T] = k
             cache.self_v[idx][:, :, n : n + T] = v
             k, v = cache.self_k[idx][:, :, : n + T], cache.self_v[idx][:, :, : n + T]
+        if first_only:
+            x = x[:, :1]
+            if self_mask is not None:
+                self_mask = self_mask[:, :, :1]
         x = self.attention.output(sa(x, k, v, self_mask, is_causal), x)
         if image is not None or (cache is not None and cache.cross_k):
             ca = self.crossattention.self
@@ -248,7 +273,12 @@ class TextTransformer(nn.Module):
         image_embeds: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        first_only: bool = False,
     ) -> torch.Tensor:
+        """Hidden states ``(B, T, hidden)``, or ``(B, 1, hidden)`` at position 0 with ``first_only``
+        (bidirectional roles only; the last layer then skips the other positions' queries)."""
+        if first_only and role.causal:
+            raise ValueError("first_only reads position 0 of a bidirectional role, not the decoder")
         past = cache.length if cache is not None else 0
         if role.cross_attention and image_embeds is None and not (cache is not None and cache.cross_k):
             raise ValueError(f"role {role.name} attends to the image: pass image_embeds")
@@ -261,11 +291,13 @@ class TextTransformer(nn.Module):
         cross_mask = None
         if image_mask is not None and not bool(image_mask.all()):
             cross_mask = image_mask[:, None, None, :].bool()
+        last = len(self.encoder.layer) - 1
         for i, layer in enumerate(self.encoder.layer):
+            fo = first_only and i == last
             if self.grad_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, self_mask, is_causal, image_embeds, cross_mask, use_reentrant=False)
+                x = checkpoint(layer, x, self_mask, is_causal, image_embeds, cross_mask, None, i, fo, use_reentrant=False)
             else:
-                x = layer(x, self_mask, is_causal, image_embeds, cross_mask, cache, i)
+                x = layer(x, self_mask, is_causal, image_embeds, cross_mask, cache, i, fo)
         if cache is not None:
             cache.length += input_ids.shape[1]
         return x
@@ -356,8 +388,8 @@ class TextDecoder(nn.Module):
             h = h[:, -1:]
         return self.cls.predictions(h)
 
-    def new_cache(self, image_embeds: torch.Tensor, batch: int, max_len: int, repeats: int = 1) -> KVCache:
-        """Cache for ``batch`` rows; cross K/V from ``image_embeds`` repeated ``repeats`` times per image."""
+    def new_cache(self, image_embeds: torch.Tensor, batch: int, max_len: int) -> KVCache:
+        """Empty cache for ``batch`` rows with the image's cross-attention K/V projected once."""
         p = next(self.parameters())
         cache = KVCache(max_len=max_len)
         for layer in self.bert.encoder.layer:
@@ -366,8 +398,6 @@ class TextDecoder(nn.Module):
             cache.self_k.append(torch.empty(shape, dtype=p.dtype, device=p.device))
             cache.self_v.append(torch.empty(shape, dtype=p.dtype, device=p.device))
             ck, cv = layer.crossattention.self.project_kv(image_embeds)
-            if repeats > 1:
-                ck, cv = ck.repeat_interleave(repeats, 0), cv.repeat_interleave(repeats, 0)
             cache.cross_k.append(ck)
             cache.cross_v.append(cv)
         return cache

@@ -70,12 +70,12 @@ def itm_scores(
         if image_embeds.shape[0] != N:
             raise ValueError(f"{image_embeds.shape[0]} images for {N} texts: pass image_index")
         image_index = torch.arange(N, device=input_ids.device)
-    logits = []
+    # Chunks of similar length, each trimmed to its longest text: less padding, same numbers.
+    lengths = attention_mask.sum(1)
+    order = torch.argsort(lengths, stable=True)
+    out = torch.empty(N, 2, device=input_ids.device)
     for i in range(0, N, batch_size):
-        sl = slice(i, i + batch_size)
-        ids, mask = input_ids[sl], attention_mask[sl]
-        # trim padding shared by the whole chunk: shorter sequences, same numbers
-        T = int(mask.sum(1).max())
-        logits.append(model.itm_logits(image_embeds[image_index[sl]], ids[:, :T], mask[:, :T]).float())
-    out = torch.cat(logits)
+        rows = order[i : i + batch_size]
+        T = int(lengths[rows].max())
+        out[rows] = model.itm_logits(image_embeds[image_index[rows]], input_ids[rows, :T], attention_mask[rows, :T]).float()
     return ITMScores(prob=out.softmax(dim=-1)[:, 1], logit=out[:, 1])
