@@ -374,3 +374,23 @@ def test_gradient_checkpointing_gives_same_gradients():
     m(img, ids, mask)["lm"].backward()
     g2 = [p.grad.clone() for p in m.parameters() if p.grad is not None]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
+
+
+def test_caption_strings_have_the_prompt_stripped():
+    from blip.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(["a picture of a red square", "a picture of two blue circles"] * 5, vocab_size=60)
+    torch.manual_seed(0)
+    cfg = micro_config()
+    cfg.text.vocab_size = len(tok)
+    for k, v in tok.special_ids.items():
+        setattr(cfg.text, k, v)
+    m = BlipCaptioner(cfg).eval()
+    with torch.no_grad():  # a decoder that can only say "red", until max_length
+        bias = m.text_decoder.cls.predictions.bias
+        bias.fill_(-1e4)
+        bias[tok.hf.convert_tokens_to_ids("red")] = 1.0
+        m.text_decoder.cls.predictions.decoder.weight.zero_()
+    for method in ("beam", "greedy"):
+        caps = m.caption(_img(2), tok, GenerationConfig(method=method, max_length=8, min_length=5))
+        assert caps == ["red red red red"] * 2

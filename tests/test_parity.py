@@ -139,3 +139,28 @@ def test_generated_ids_match_when_captions_end_at_different_steps(num_beams):
     ends = {row.index(3) for row in _trim(got, 3)}
     assert len(ends) > 1, "test needs captions of different lengths"
     assert _trim(got, 3) == _trim(ref, 3)
+
+
+def test_saved_transformers_format_loads_with_transformers(tmp_path, captioner_pair, retrieval_pair):
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    from blip.convert import save_hf
+
+    ours, _ = captioner_pair
+    save_hf(ours, tmp_path / "cap", kind="captioner")
+    hf = BlipForConditionalGeneration.from_pretrained(str(tmp_path / "cap")).eval()
+    img = _images(2, 9)
+    ids, mask = text_inputs(2, 8)
+    ids[:, 0] = ours.cfg.text.bos_token_id
+    with torch.no_grad():
+        ref = hf(pixel_values=img, input_ids=ids, attention_mask=mask).logits
+        got = ours.text_decoder(ids, mask, ours.encode_image(img))
+    assert torch.allclose(got, ref, atol=ATOL)
+    ret, _ = retrieval_pair
+    save_hf(ret, tmp_path / "ret", kind="retrieval")
+    hf = BlipForImageTextRetrieval.from_pretrained(str(tmp_path / "ret")).eval()
+    ids[:, 0] = ret.cfg.text.enc_token_id
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=img, attention_mask=mask).itm_score
+        got = ret.itm_logits(ret.encode_image(img), ids, mask)
+    assert torch.allclose(got, ref, atol=ATOL)

@@ -98,6 +98,21 @@ class CaptionMixin:
         )
 
 
+    @torch.no_grad()
+    def caption(
+        self,
+        image: torch.Tensor,
+        tokenizer,
+        cfg: GenerationConfig | None = None,
+        seeds: list[int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[str]:
+        """Captions as strings, the prompt ("a picture of ") stripped, as BLIP's ``generate``."""
+        prompt = tokenizer.prompt_ids(self.cfg.prompt)
+        ids = self.generate(image, prompt, cfg, seeds=seeds, generator=generator)
+        return tokenizer.batch_decode(ids[:, len(prompt) :])
+
+
 class MomentumITC(BlipBase):
     """ITC with momentum encoders, feature queues and momentum distillation (ALBEF/BLIP §3.2)."""
 
