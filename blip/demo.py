@@ -18,15 +18,13 @@ from .tokenizer import build_tokenizer
 
 
 def run_demo(out: str = "out/demo", steps: int = 300, batch_size: int = 32, seed: int = 0, show: int = 6) -> dict:
-    from .data.corpus import caption_corpus
-    from .data.generate import GenerateConfig, generate
-    from .data.loader import make_loader
+    from .data import GenerateConfig, caption_corpus, generate, make_loader
 
     torch.manual_seed(seed)
     out_dir = Path(out)
     data = out_dir / "data"
     t0 = time.time()
-    generate(GenerateConfig(seed=seed, web=1500, human=300, val=show), str(data), splits=("web", "human", "val"), progress=False)
+    generate(GenerateConfig(seed=seed, web=1500, human=300, val=show, test=0, zeroshot=0), str(data), progress=False)
     train_dirs = [str(data / "web"), str(data / "human")]
     tok = build_tokenizer(caption_corpus(train_dirs), vocab_size=1024)
     cfg = load_preset("tiny", text=tok.special_ids, queue_size=1024)

@@ -95,7 +95,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, min_frequency
     The trained vocabulary may be smaller than ``vocab_size`` on a small corpus; use
     ``len(tokenizer)`` for the model's ``text.vocab_size``.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -111,7 +111,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, min_frequency
 
 def load_vocab(vocab_file: str | Path) -> BlipTokenizer:
     """Tokenizer from a BERT ``vocab.txt``, with [DEC] and [ENC] appended as in ``init_tokenizer``."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab_file = Path(vocab_file)
@@ -128,21 +128,19 @@ def load_vocab(vocab_file: str | Path) -> BlipTokenizer:
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
     _finish(tok)
     return BlipTokenizer(_wrap(PreTrainedTokenizerFast, tok))
 
 
 def _finish(tok) -> None:
-    from tokenizers import decoders, processors
+    """[CLS] $A [SEP] template, WordPiece decoder, specials marked special (skipped on decode)."""
+    from tokenizers import AddedToken, decoders, processors
 
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
     tok.decoder = decoders.WordPiece(prefix="##")
-    from tokenizers import AddedToken
-
     tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS if tok.token_to_id(t) is not None])
 
 

@@ -46,10 +46,18 @@ class BlipBase(nn.Module):
         return F.normalize(self.text_proj(h[:, 0]), dim=-1)
 
     def itm_logits(
-        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """ITM logits ``(B, 2)`` (column 1 = match) of the image-grounded encoder's [ENC]."""
-        h = self.text_encoder(input_ids, attention_mask, Role.ENCODER, image_embeds, first_only=True)
+        """ITM logits ``(B, 2)`` (column 1 = match) of the image-grounded encoder's [ENC].
+
+        ``image_index`` ``(B,)``: row of ``image_embeds`` for each text (default: row i)."""
+        h = self.text_encoder(
+            input_ids, attention_mask, Role.ENCODER, image_embeds, first_only=True, image_index=image_index
+        )
         return self.itm_head(h[:, 0])
 
     # -- housekeeping ----------------------------------------------------------------------
@@ -217,8 +225,8 @@ class MomentumITC(BlipBase):
             neg_txt = losses.sample_hard_negatives(weights_i2t)  # (B,) text index per image
         ids = torch.cat([input_ids, input_ids, input_ids[neg_txt]])
         mask = torch.cat([attention_mask, attention_mask, attention_mask[neg_txt]])
-        imgs = torch.cat([image_embeds, image_embeds[neg_img], image_embeds])
-        logits = self.itm_logits(imgs, ids, mask)  # (3B, 2)
+        rows = torch.arange(B, device=ids.device)
+        logits = self.itm_logits(image_embeds, ids, mask, torch.cat([rows, neg_img, rows]))  # (3B, 2)
         return F.cross_entropy(logits.float(), losses.itm_labels(B, logits.device))
 
     def clamp_temp(self) -> None:
@@ -342,8 +350,9 @@ class BlipRetrieval(MomentumITC):
             neg_txt = losses.sample_hard_negatives(w_i2t)
         ids = torch.cat([input_ids, input_ids, ids_w[neg_txt]])
         mask = torch.cat([attention_mask, attention_mask, mask_w[neg_txt]])
-        imgs = torch.cat([image_embeds, image_embeds_w[neg_img], image_embeds])
-        logits = self.itm_logits(imgs, ids, mask)
+        imgs = torch.cat([image_embeds, image_embeds_w])  # local rows first, then every rank's
+        rows = torch.arange(B, device=ids.device)
+        logits = self.itm_logits(imgs, ids, mask, torch.cat([rows, B + neg_img, rows]))
         return F.cross_entropy(logits.float(), losses.itm_labels(B, logits.device))
 
 

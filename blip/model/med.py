@@ -216,6 +216,7 @@ class Layer(nn.Module):
         cache: KVCache | None = None,
         idx: int = 0,
         first_only: bool = False,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``first_only``: keys/values from every token, but queries (and so the output) only at
         position 0 — all the last layer must compute when only [CLS]/[ENC] is read (ITC, ITM)."""
@@ -236,7 +237,9 @@ class Layer(nn.Module):
             if cache is not None and cache.cross_k:
                 ck, cv = cache.cross_k[idx], cache.cross_v[idx]
             else:
-                ck, cv = ca.project_kv(image)
+                ck, cv = ca.project_kv(image)  # once per distinct image ...
+                if image_index is not None:  # ... then gathered per text
+                    ck, cv = ck.index_select(0, image_index), cv.index_select(0, image_index)
             x = self.crossattention.output(ca(x, ck, cv, image_mask, False), x)
         return self.output(self.intermediate(x), x)
 
@@ -246,8 +249,10 @@ class TextTransformer(nn.Module):
 
     ``forward`` returns the last hidden states ``(B, T, hidden)``. Inputs: ``input_ids`` and
     ``attention_mask`` ``(B, T)`` (1 = token, 0 = padding, right-padded), ``role``, and for the
-    image-grounded roles ``image_embeds`` ``(B, N, encoder_width)``. Position 0 of the ids is
-    overwritten with the role's token unless continuing from a cache.
+    image-grounded roles ``image_embeds`` ``(B, N, encoder_width)`` — or ``(M, N, encoder_width)``
+    plus ``image_index`` ``(B,)`` naming each text's image, so cross-attention keys/values are
+    projected once per distinct image. Position 0 of the ids is overwritten with the role's
+    token unless continuing from a cache.
     """
 
     def __init__(self, cfg: TextConfig, encoder_width: int):
@@ -274,6 +279,7 @@ class TextTransformer(nn.Module):
         image_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         first_only: bool = False,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states ``(B, T, hidden)``, or ``(B, 1, hidden)`` at position 0 with ``first_only``
         (bidirectional roles only; the last layer then skips the other positions' queries)."""
@@ -290,14 +296,18 @@ class TextTransformer(nn.Module):
         self_mask, is_causal = _self_attention_mask(attention_mask, role.causal, past, x)
         cross_mask = None
         if image_mask is not None and not bool(image_mask.all()):
+            if image_index is not None:
+                image_mask = image_mask.index_select(0, image_index)
             cross_mask = image_mask[:, None, None, :].bool()
         last = len(self.encoder.layer) - 1
         for i, layer in enumerate(self.encoder.layer):
             fo = first_only and i == last
             if self.grad_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, self_mask, is_causal, image_embeds, cross_mask, None, i, fo, use_reentrant=False)
+                x = checkpoint(
+                    layer, x, self_mask, is_causal, image_embeds, cross_mask, None, i, fo, image_index, use_reentrant=False
+                )
             else:
-                x = layer(x, self_mask, is_causal, image_embeds, cross_mask, cache, i, fo)
+                x = layer(x, self_mask, is_causal, image_embeds, cross_mask, cache, i, fo, image_index)
         if cache is not None:
             cache.length += input_ids.shape[1]
         return x

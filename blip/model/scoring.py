@@ -77,5 +77,7 @@ def itm_scores(
     for i in range(0, N, batch_size):
         rows = order[i : i + batch_size]
         T = int(lengths[rows].max())
-        out[rows] = model.itm_logits(image_embeds[image_index[rows]], input_ids[rows, :T], attention_mask[rows, :T]).float()
+        # each chunk's images go through the cross-attention key/value projections once
+        imgs, inverse = torch.unique(image_index[rows], return_inverse=True)
+        out[rows] = model.itm_logits(image_embeds[imgs], input_ids[rows, :T], attention_mask[rows, :T], inverse).float()
     return ITMScores(prob=out.softmax(dim=-1)[:, 1], logit=out[:, 1])
