@@ -54,3 +54,12 @@ def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return t
     return torch.cat(_GatherWithGrad.apply(t), dim=0)
+
+
+def all_reduce_mean(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """Average Python floats over ranks (for logging the global batch's losses)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    tdist.all_reduce(t)
+    return (t / world_size()).tolist()

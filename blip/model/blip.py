@@ -184,15 +184,18 @@ class MomentumITC(BlipBase):
         return self.image_queue.shape[1]
 
     @torch.no_grad()
-    def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor | None = None) -> None:
-        """Write the (all-gathered) momentum features into the queues, wrapping around.
+    def enqueue(
+        self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor | None = None, gathered: bool = False
+    ) -> None:
+        """Write every rank's momentum features into the queues, wrapping around.
 
-        Unlike the official code there is no ``queue_size % batch_size == 0`` assertion
-        (BLIP issue #101): writes wrap around the end of the ring buffer.
+        Pass local features (they are all-gathered here) or ``gathered=True`` ones. Unlike the
+        official code there is no ``queue_size % batch_size == 0`` assertion (BLIP issue #101):
+        writes wrap around the end of the ring buffer.
         """
-        image_feat, text_feat = dist.concat_all_gather(image_feat), dist.concat_all_gather(text_feat)
-        if idx is not None:
-            idx = dist.concat_all_gather(idx)
+        if not gathered:
+            image_feat, text_feat = dist.concat_all_gather(image_feat), dist.concat_all_gather(text_feat)
+            idx = dist.concat_all_gather(idx) if idx is not None else None
         Q = self.queue_size
         if image_feat.shape[0] > Q:  # keep only the newest Q
             image_feat, text_feat = image_feat[-Q:], text_feat[-Q:]
@@ -205,6 +208,48 @@ class MomentumITC(BlipBase):
         if idx is not None:
             self.idx_queue[:, cols] = idx.view(1, -1)
         ptr_buf[0] = (ptr + image_feat.shape[0]) % Q
+
+    def itc_step(
+        self,
+        image: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_feat: torch.Tensor,
+        text_feat: torch.Tensor,
+        alpha: float,
+        idx: torch.Tensor | None,
+        use_idx_queue: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """ITC loss against every rank's momentum features plus the queues, then enqueue.
+
+        The in-batch columns hold the *global* batch (all ranks' momentum features, as open_clip
+        gathers), so a 2-process run sees the same negatives as a 1-process run of the same
+        global batch; the official code used only the local batch (identical with one process).
+        Positives: the diagonal, or with ``idx`` every column of the same image id
+        (``use_idx_queue``: the queue's ids too, as BLIP's retrieval fine-tuning).
+        Returns ``(loss, sim_i2t, sim_t2i, offset)``; ``offset`` is where this rank's own batch
+        starts among the columns.
+        """
+        B = image.shape[0]
+        with torch.no_grad():
+            self.momentum_update()
+            image_feat_m, text_feat_m = self.momentum_features(image, input_ids, attention_mask)
+            image_m_g, text_m_g = dist.concat_all_gather(image_feat_m), dist.concat_all_gather(text_feat_m)
+            image_feat_all = torch.cat([image_m_g.T, self.image_queue.clone()], dim=1)
+            text_feat_all = torch.cat([text_m_g.T, self.text_queue.clone()], dim=1)
+            offset = dist.rank() * B
+            idx_g = dist.concat_all_gather(idx.view(-1)) if idx is not None else None
+            if idx is None:
+                targets = losses.diagonal_targets(B, image_feat_all.shape[1], image.device, offset)
+            else:
+                queue_ids = self.idx_queue.view(-1) if use_idx_queue else torch.full_like(
+                    self.image_queue[0], -100, dtype=torch.long)
+                targets = losses.idx_targets(idx.view(-1), torch.cat([idx_g, queue_ids]))
+        loss, sim_i2t, sim_t2i = losses.itc_loss(
+            image_feat, text_feat, image_feat_all, text_feat_all, targets, self.temp, alpha, image_feat_m, text_feat_m
+        )
+        self.enqueue(image_m_g, text_m_g, idx_g if use_idx_queue else None, gathered=True)
+        return loss, sim_i2t, sim_t2i, offset
 
     def itm_loss(
         self,
@@ -247,38 +292,46 @@ class BlipPretrain(CaptionMixin, MomentumITC):
         self._build_momentum()
 
     def forward(
-        self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, alpha: float = 0.4
+        self,
+        image: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        alpha: float = 0.4,
+        idx: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        prompt_length: int = 0,
     ) -> dict[str, torch.Tensor]:
         """Losses ``{"itc", "itm", "lm"}`` for a batch of (image, caption) pairs.
 
         ``input_ids``/``attention_mask``: ``(B, T)`` tokenised captions ([CLS] ... [SEP], right
-        padded); the role token at position 0 is set per branch.
+        padded); the role token at position 0 is set per branch. ``idx`` (image ids) makes
+        captions of the same image positives; ``decoder_input_ids`` (e.g. the captions with
+        the prompt) replace the LM branch's text, whose first ``prompt_length`` positions are
+        not supervised — together, fine-tuning one model as captioner *and* filter (Table 4).
         """
         self.clamp_temp()
         B = image.shape[0]
         image_embeds = self.encode_image(image)
         image_feat = self.image_features(image_embeds)
         text_feat = self.text_features(input_ids, attention_mask)
-
-        with torch.no_grad():
-            self.momentum_update()
-            image_feat_m, text_feat_m = self.momentum_features(image, input_ids, attention_mask)
-            image_feat_all = torch.cat([image_feat_m.T, self.image_queue.clone()], dim=1)
-            text_feat_all = torch.cat([text_feat_m.T, self.text_queue.clone()], dim=1)
-            targets = losses.diagonal_targets(B, image_feat_all.shape[1], image.device)
-        loss_itc, sim_i2t, sim_t2i = losses.itc_loss(
-            image_feat, text_feat, image_feat_all, text_feat_all, targets, self.temp, alpha, image_feat_m, text_feat_m
+        loss_itc, sim_i2t, sim_t2i, off = self.itc_step(
+            image, input_ids, attention_mask, image_feat, text_feat, alpha, idx, use_idx_queue=False
         )
-        self.enqueue(image_feat_m, text_feat_m)
 
-        with torch.no_grad():  # §3.4: hard negatives by ITC similarity within the batch
-            diag = torch.eye(B, dtype=torch.bool, device=image.device)
-            w_t2i = losses.hard_negative_weights(sim_t2i[:, :B], diag)
-            w_i2t = losses.hard_negative_weights(sim_i2t[:, :B], diag)
+        with torch.no_grad():  # §3.4: hard negatives by ITC similarity within the local batch
+            if idx is None:
+                positive = torch.eye(B, dtype=torch.bool, device=image.device)
+            else:
+                positive = idx.view(-1, 1) == idx.view(1, -1)
+            w_t2i = losses.hard_negative_weights(sim_t2i[:, off : off + B], positive)
+            w_i2t = losses.hard_negative_weights(sim_i2t[:, off : off + B], positive)
         loss_itm = self.itm_loss(image_embeds, input_ids, attention_mask, w_t2i, w_i2t)
 
-        logits = self.text_decoder(input_ids, attention_mask, image_embeds)
-        labels = losses.lm_labels(input_ids, attention_mask)
+        if decoder_input_ids is None:
+            decoder_input_ids, decoder_attention_mask = input_ids, attention_mask
+        logits = self.text_decoder(decoder_input_ids, decoder_attention_mask, image_embeds)
+        labels = losses.lm_labels(decoder_input_ids, decoder_attention_mask, prompt_length)
         loss_lm = losses.lm_loss(logits, labels, self.cfg.label_smoothing)
         return {"itc": loss_itc, "itm": loss_itm, "lm": loss_lm}
 
@@ -310,18 +363,9 @@ class BlipRetrieval(MomentumITC):
         image_embeds = self.encode_image(image)
         image_feat = self.image_features(image_embeds)
         text_feat = self.text_features(input_ids, attention_mask)
-
-        with torch.no_grad():
-            idx_all = torch.cat([idx.T, self.idx_queue.clone()], dim=1)
-            targets = losses.idx_targets(idx, idx_all)
-            self.momentum_update()
-            image_feat_m, text_feat_m = self.momentum_features(image, input_ids, attention_mask)
-            image_feat_all = torch.cat([image_feat_m.T, self.image_queue.clone()], dim=1)
-            text_feat_all = torch.cat([text_feat_m.T, self.text_queue.clone()], dim=1)
-        loss_itc, _, _ = losses.itc_loss(
-            image_feat, text_feat, image_feat_all, text_feat_all, targets, self.temp, alpha, image_feat_m, text_feat_m
+        loss_itc, _, _, _ = self.itc_step(
+            image, input_ids, attention_mask, image_feat, text_feat, alpha, idx, use_idx_queue=True
         )
-        self.enqueue(image_feat_m, text_feat_m, idx)
 
         if self.negative_all_rank and dist.world_size() > 1:
             loss_itm = self._itm_all_rank(image_embeds, image_feat, text_feat, input_ids, attention_mask, idx)

@@ -43,10 +43,11 @@ def itc_loss(
     return (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i
 
 
-def diagonal_targets(batch: int, total: int, device: torch.device) -> torch.Tensor:
-    """``(batch, total)`` one-hot targets: sample i's positive is column i."""
+def diagonal_targets(batch: int, total: int, device: torch.device, offset: int = 0) -> torch.Tensor:
+    """``(batch, total)`` one-hot targets: sample i's positive is column ``offset + i``
+    (``offset`` = rank × local batch when the columns start with every rank's batch)."""
     t = torch.zeros(batch, total, device=device)
-    t[:, :batch].fill_diagonal_(1)
+    t[torch.arange(batch), offset + torch.arange(batch)] = 1
     return t
 
 

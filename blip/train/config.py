@@ -1,0 +1,69 @@
+"""Typed configuration of one training job (a section of ``params.yaml``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+JOBS = ("pretrain", "finetune_captioner", "finetune_filter", "finetune_retrieval", "finetune_shared")
+SCHEDULES = ("step", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """One training job. Defaults are BLIP's (blip-facts §1.14-1.15) where they exist.
+
+    ``batch_size`` is the global batch per optimizer step (all ranks, all accumulation
+    micro-batches). With ``grad_accum_steps = k`` each rank runs ``k`` micro-batches of
+    ``batch_size / (world_size * k)`` pairs; ITC then takes its in-batch negatives from one
+    micro-batch (of every rank) plus the feature queue, which holds the momentum features of the
+    previous micro-batches — the contrastive batch is the micro-batch, not the step batch, and
+    the trainer says so when it starts. ITM hard negatives come from the local micro-batch.
+    """
+
+    job: str = "pretrain"
+    epochs: int = 20
+    batch_size: int = 32
+    grad_accum_steps: int = 1
+    lr: float = 3e-4  # init_lr
+    min_lr: float = 1e-6
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 3000  # linear warm-up in epoch 0 (step schedule)
+    lr_decay_rate: float = 0.9  # step schedule: lr = max(min_lr, lr * rate ** epoch)
+    schedule: str = "step"  # step (pre-training) | cosine (fine-tuning, per epoch)
+    weight_decay: float = 0.05
+    alpha: float = 0.4
+    alpha_ramp_epochs: float = 2.0  # distillation weight ramps in over this many epochs
+    max_text_len: int = 30  # 30 pre-training, 35 retrieval, 40 captioning (blip-facts §1.6, §1.8)
+    min_scale: float = 0.2  # random-resized-crop scale: 0.2 pre-training, 0.5 fine-tuning
+    negative_all_rank: bool = False  # retrieval ITM negatives from every rank (COCO: True)
+    bf16: bool = False  # autocast matmuls to bfloat16
+    grad_checkpointing: bool = False
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    num_workers: int = 0  # data loader processes per rank
+    ckpt_every: int = 200  # optimizer steps between resumable checkpoints (and at every epoch end)
+    log_every: int = 10
+    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.job not in JOBS:
+            raise ValueError(f"job={self.job!r} unknown; use one of {JOBS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} unknown; use one of {SCHEDULES}")
+        for name in ("epochs", "batch_size", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "") -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise KeyError(f"unknown key {where + '.' if where else ''}{unknown[0]!r}; allowed: {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

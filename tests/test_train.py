@@ -1,0 +1,173 @@
+"""Training engines: schedules, parameter groups, loss trends, kill-and-resume, DDP (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blip.checkpoint import load_model
+from blip.data import GenerateConfig, caption_corpus, generate
+from blip.model import BlipPretrain, load_preset
+from blip.tokenizer import build_tokenizer
+from blip.track import MemoryTracker
+from blip.train import TrainConfig, lr_at, param_groups, train
+from helpers_model import micro_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_step_schedule_warms_up_then_decays_per_epoch():
+    cfg = TrainConfig(lr=1e-3, warmup_lr=1e-6, warmup_steps=10, min_lr=1e-5, lr_decay_rate=0.9)
+    assert lr_at(cfg, 0, 0) == pytest.approx(1e-6)
+    assert lr_at(cfg, 0, 5) == pytest.approx(1e-6 + (1e-3 - 1e-6) / 2)
+    assert lr_at(cfg, 0, 10) == pytest.approx(1e-3)
+    assert lr_at(cfg, 2, 0) == pytest.approx(1e-3 * 0.81)
+    assert lr_at(cfg, 100, 0) == pytest.approx(1e-5)  # floored at min_lr
+
+
+def test_cosine_schedule_per_epoch():
+    cfg = TrainConfig(schedule="cosine", lr=1e-4, min_lr=0.0, epochs=4)
+    assert [round(lr_at(cfg, e, 7) / 1e-4, 4) for e in range(4)] == [1.0, 0.8536, 0.5, 0.1464]
+
+
+def test_no_weight_decay_on_biases_norms_and_temp_and_tied_parameters_once():
+    model = BlipPretrain(micro_config())
+    groups = param_groups(model, 0.05)
+    decay = {id(p) for p in groups[0]["params"]}
+    no_decay = {id(p) for p in groups[1]["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim >= 2 for p in groups[0]["params"])
+    assert id(model.temp) in no_decay and id(model.text_encoder.embeddings.LayerNorm.weight) in no_decay
+    assert id(model.visual_encoder.pos_embed) in no_decay
+    all_ids = [id(p) for g in groups for p in g["params"]]
+    assert len(all_ids) == len(set(all_ids))  # shared tensors are optimised once
+    assert not any(names[i].endswith("_m") or "_m." in names[i] for i in decay | no_decay)  # momentum frozen
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train") / "gen"
+    generate(GenerateConfig(seed=3, web=320, human=64, val=0, test=0, zeroshot=0, shard_size=40), str(root),
+             progress=False)
+    tok = build_tokenizer(caption_corpus([root / "web", root / "human"]), vocab_size=400)
+    return root, tok
+
+
+def _tiny(tok):  # the tiny preset, two layers per tower, to keep the suite fast
+    return load_preset("tiny", text={**tok.special_ids, "num_hidden_layers": 2}, vision={"depth": 2}, queue_size=64)
+
+
+def test_pretrain_then_finetune_lower_the_losses(world, tmp_path):
+    root, tok = world
+    tr = MemoryTracker()
+    cfg = TrainConfig(job="pretrain", epochs=2, batch_size=32, lr=1e-3, warmup_steps=5, log_every=1, progress=False)
+    s = train(cfg, [root / "web", root / "human"], tmp_path / "pre", model_cfg=_tiny(tok), tokenizer=tok, tracker=tr)
+    # 320 web pairs + 64 human images x 5 captions = 640 pairs = 20 steps of 32 per epoch
+    assert s["steps"] == 2 * 20 and s["loader"]["seen"] == s["loader"]["used"]
+    for k in ("train/itc", "train/itm", "train/lm"):
+        h = tr.history(k)
+        assert sum(h[-6:]) / 6 < sum(h[:6]) / 6, (k, h)
+    assert not (tmp_path / "pre.resume").exists()  # resume state removed once the model is written
+    pre = load_model(tmp_path / "pre")
+    assert pre.load_report == {"missing": [], "unexpected": []}
+
+    for job, keys in [("finetune_captioner", ["train/lm"]), ("finetune_filter", ["train/itm", "train/itc"])]:
+        tr = MemoryTracker()
+        cfg = TrainConfig(job=job, epochs=4, batch_size=32, lr=5e-4, schedule="cosine", min_lr=0.0, log_every=1,
+                          max_text_len=40, min_scale=0.5, alpha_ramp_epochs=1, progress=False)
+        train(cfg, root / "human", tmp_path / job, init=tmp_path / "pre", tracker=tr)
+        for k in keys:
+            h = tr.history(k)
+            assert sum(h[-3:]) / 3 < sum(h[:3]) / 3, (job, k, h)
+        assert (tmp_path / job / "tokenizer" / "tokenizer.json").exists()
+
+
+def _cli(args, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "tests")}
+    env.update(env_extra or {})
+    return [sys.executable, "-m", "blip", *args], env
+
+
+def _train_cmd(root, tok_dir, out, params, extra=()):
+    return _cli(["pretrain", "--params", str(params), "--shards", str(root / "web"), str(root / "human"),
+                 "--tokenizer", str(tok_dir), "--out", str(out),
+                 "--set", "pretrain.epochs=2", "--set", "pretrain.batch_size=16", "--set", "pretrain.ckpt_every=4",
+                 "--set", "pretrain.max_steps=16", "--set", "pretrain.progress=false",
+                 "--set", "model.queue_size=64", "--set", "model.vision={depth: 2}",
+                 "--set", "model.text={num_hidden_layers: 2}", *extra])
+
+
+def test_resume_after_kill_reaches_the_same_weights(world, tmp_path):
+    root, tok = world
+    tok.save(tmp_path / "tok")
+    params = ROOT / "params.yaml"
+    # uninterrupted reference
+    cmd, env = _train_cmd(root, tmp_path / "tok", tmp_path / "ref", params)
+    subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=tmp_path)
+    # killed as soon as its first checkpoint exists, then started again with the same command
+    cmd, env = _train_cmd(root, tmp_path / "tok", tmp_path / "run", params)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "run.resume" / "state.json"
+    deadline = time.time() + 120
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(state.read_text())["position"]["global_step"]
+    assert 0 < killed_at < 16
+    assert not (tmp_path / "run").exists()
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, cwd=tmp_path)
+    assert "resuming pretrain" in out.stdout
+    a = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+def _probe(out, nproc):
+    cmd = [sys.executable, str(ROOT / "tests" / "ddp_probe.py"), str(out)]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(29500 + os.getpid() % 1000), *cmd[1:]]
+    _, env = _cli([])
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    return json.loads(Path(out).read_text())
+
+
+def test_two_process_gloo_matches_one_process_with_the_same_global_batch(tmp_path):
+    one, two = _probe(tmp_path / "one.json", 1), _probe(tmp_path / "two.json", 2)
+    # before any update ITC and LM are the same function of the same global batch
+    for k in ("itc", "lm"):
+        assert abs(one["history"][0][k] - two["history"][0][k]) < 1e-5, k
+    # ITM draws its hard negatives from the local batch: same distribution, other draws
+    assert abs(one["history"][0]["itm"] - two["history"][0]["itm"]) < 0.05
+    # the queues hold every rank's momentum features in global batch order
+    assert one["queue_ptr"] == two["queue_ptr"] == 24
+    assert torch.allclose(torch.tensor(one["image_queue"])[:, :8], torch.tensor(two["image_queue"])[:, :8], atol=1e-5)
+    for k in ("itc", "lm"):  # after three steps the runs differ only through ITM's negatives
+        assert abs(one["history"][-1][k] - two["history"][-1][k]) < 2e-2, k
+    assert torch.allclose(torch.tensor(one["weight"]), torch.tensor(two["weight"]), atol=1e-2)
+
+
+def test_torchrun_cli_trains_with_two_gloo_processes(world, tmp_path):
+    root, tok = world
+    tok.save(tmp_path / "tok")
+    cmd, env = _train_cmd(root, tmp_path / "tok", tmp_path / "ddp", ROOT / "params.yaml",
+                          extra=["--set", "pretrain.device=cpu", "--metrics", str(tmp_path / "m.json")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(30500 + os.getpid() % 1000), "-m", *cmd[2:]]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=tmp_path, timeout=300)
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["world_size"] == 2 and m["steps"] == 16  # max_steps
+    assert m["steps_per_epoch"] == 640 // 16  # each rank 8 pairs per step, equal epoch length
+    assert load_model(tmp_path / "ddp").load_report["missing"] == []
