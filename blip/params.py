@@ -59,9 +59,13 @@ def build(cls: type[T], d: dict[str, Any], where: str) -> T:
         raise ParamsError(f"{where} must be a mapping, got {type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    d = dict(d)
     for k, v in d.items():
         if k not in fields:
             raise ParamsError(f"unknown key {where}.{k}; allowed keys: {', '.join(sorted(fields))}")
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            d[k] = build(hints[k], v, f"{where}.{k}")  # nested section
+            continue
         try:
             _check_type(f"{where}.{k}", v, hints[k])
         except TypeError as e:
