@@ -27,16 +27,19 @@ from blip.model import BlipCaptioner, BlipRetrieval, GenerationConfig, itm_score
 BATCH = {"tiny": 32, "small": 16, "base": 16, "large": 8}
 
 
-def timeit(fn, repeats: int, sync) -> float:
-    fn()  # warm-up
-    sync()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def timeit_pair(ours, theirs, repeats: int, sync) -> tuple[float, float]:
+    """Median seconds of each, runs interleaved so load changes hit both alike."""
+    times = {ours: [], theirs: []}
+    for fn in (ours, theirs):  # warm-up
         fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for fn in (ours, theirs):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[fn].append(time.perf_counter() - t)
+    return statistics.median(times[ours]), statistics.median(times[theirs])
 
 
 def random_texts(n: int, length: int, cfg, g: torch.Generator, device):
@@ -85,7 +88,7 @@ def bench_preset(name: str, batch: int, repeats: int, device: str, dtype: torch.
             def theirs():
                 out["hf"] = hf_cap.generate(pixel_values=img, input_ids=hf_prompt.clone(), **hf_kw)
 
-            t_ours, t_hf = timeit(ours, repeats, sync), timeit(theirs, repeats, sync)
+            t_ours, t_hf = timeit_pair(ours, theirs, repeats, sync)
             same = None
             if label.startswith("beam"):
                 same = _trim(out["ours"], t.sep_token_id) == _trim(out["hf"], t.sep_token_id)
@@ -109,7 +112,7 @@ def bench_preset(name: str, batch: int, repeats: int, device: str, dtype: torch.
                 logits = hf_ret(input_ids=enc_ids, pixel_values=img[index], attention_mask=mask).itm_score
                 res["hf"] = logits.float().softmax(-1)[:, 1]
 
-            t_ours, t_hf = timeit(ours, repeats, sync), timeit(theirs, repeats, sync)
+            t_ours, t_hf = timeit_pair(ours, theirs, repeats, sync)
             tol = 1e-4 if dtype == torch.float32 else 3e-2
             same = bool(torch.allclose(res["ours"].float(), res["hf"].float(), atol=tol))
             label = "ITM 1 text/image" if per_image == 1 else "ITM 2 texts/image (filter workload)"

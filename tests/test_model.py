@@ -394,3 +394,22 @@ def test_caption_strings_have_the_prompt_stripped():
     for method in ("beam", "greedy"):
         caps = m.caption(_img(2), tok, GenerationConfig(method=method, max_length=8, min_length=5))
         assert caps == ["red red red red"] * 2
+
+
+def test_nucleus_sampler_draws_from_the_renormalised_nucleus_on_both_paths():
+    from blip.model.generation import _sample_top_p
+
+    torch.manual_seed(0)
+    scores = torch.randn(1, 50) * 2
+    p = scores.softmax(-1)[0]
+    sp, si = p.sort(descending=True)
+    nucleus = si[(sp.cumsum(0) - sp) < 0.9]  # kept while the mass ranked above is < top_p
+    target = torch.zeros(50)
+    target[nucleus] = p[nucleus] / p[nucleus].sum()
+    u = torch.rand(20000, 1)
+    fast = _sample_top_p(scores.expand(20000, -1).contiguous(), 0.9, u, k=256)  # nucleus inside top-k
+    full = _sample_top_p(scores.expand(20000, -1).contiguous(), 0.9, u, k=4)  # falls back to a full sort
+    assert torch.equal(fast, full)
+    assert set(fast.unique().tolist()) <= set(nucleus.tolist())
+    freq = torch.bincount(fast, minlength=50).float() / len(fast)
+    assert (freq - target).abs().max() < 0.01

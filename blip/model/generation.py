@@ -7,7 +7,7 @@ semantics of ``transformers``' ``generate`` so outputs match it id for id:
   configs (max 20, min 5);
 * beam search keeps ``2 * num_beams`` candidates per step, scores finished hypotheses by
   ``sum log p / generated_len ** length_penalty`` and stops by the same early-stop heuristic;
-* nucleus sampling applies the repetition penalty to the logits, then min-length, then top-p.
+* nucleus sampling applies the repetition penalty to the logits, then min-length, then top-p\n  (same distribution as transformers' TopPLogitsWarper; the draws are our own, seeded per image).
 
 Speed-ups that keep the numbers: image cross-attention keys/values are projected once per
 image (not once per beam and step), self-attention keys/values live in preallocated buffers,
@@ -59,16 +59,29 @@ def _repetition_penalty(scores: torch.Tensor, seqs: torch.Tensor, penalty: float
     return scores.scatter(1, seqs, s)
 
 
-def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Mask everything outside the smallest set of tokens with cumulative probability >= top_p."""
-    if top_p >= 1.0:
-        return scores
-    sorted_scores, sorted_idx = torch.sort(scores, descending=False)
-    cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    remove = cum <= (1 - top_p)
-    remove[:, -1] = False  # keep at least the most likely token
-    remove = remove.scatter(1, sorted_idx, remove)
-    return scores.masked_fill(remove, float("-inf"))
+def _sample_top_p(scores: torch.Tensor, top_p: float, u: torch.Tensor, k: int = 256) -> torch.Tensor:
+    """Nucleus sampling: one token per row from the smallest set of most likely tokens whose
+    probability mass reaches ``top_p`` (a token is kept while the mass ranked above it is
+    < top_p, the most likely always), drawn by inverse CDF with the uniforms ``u`` ``(B, 1)``.
+
+    Rows whose nucleus lies inside their top ``k`` tokens (almost always, for a trained
+    captioner) sort only those ``k``; the others sort the whole vocabulary.
+    """
+    V = scores.shape[1]
+    k = min(k, V)
+    vals, idx = scores.topk(k, dim=-1)  # descending
+    p = (vals - scores.logsumexp(-1, keepdim=True)).exp()
+    above = p.cumsum(-1) - p  # mass ranked above each token
+    fits = (above[:, -1] + p[:, -1] >= top_p) | (k == V)
+    keep = above < top_p
+    keep[:, 0] = True
+    cdf = (p * keep).cumsum(-1)
+    pos = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=k - 1)
+    tokens = idx.gather(1, pos).squeeze(1)
+    if not bool(fits.all()):
+        rows = (~fits).nonzero().squeeze(1)
+        tokens[rows] = _sample_top_p(scores[rows], top_p, u[rows], k=V)
+    return tokens
 
 
 def _uniforms(batch: int, steps: int, seeds, generator, device) -> torch.Tensor:
@@ -133,10 +146,7 @@ def _sample_or_greedy(decoder, image_embeds, prompt_ids, cfg, eos, pad, seeds, g
         if cur < cfg.min_length:
             scores[:, eos] = float("-inf")
         if sample:
-            probs = _top_p(scores, cfg.top_p).softmax(dim=-1)
-            cdf = probs.cumsum(dim=-1)
-            draw = u[active, cur - P : cur - P + 1] * cdf[:, -1:]
-            nxt = torch.searchsorted(cdf, draw).squeeze(1).clamp_(max=probs.shape[1] - 1)
+            nxt = _sample_top_p(scores, cfg.top_p, u[active, cur - P : cur - P + 1])
         else:
             nxt = scores.argmax(dim=-1)
         seqs[active, cur] = nxt
