@@ -22,7 +22,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blip.cli import ModelParams, model_config  # noqa: E402
+from blip.cli import ModelParams, model_config, train_config  # noqa: E402
 from blip.params import build, load_params, section  # noqa: E402
 
 TIMES: dict[str, float] = {}
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from blip.data import GenerateConfig, caption_corpus, generate, gt_path
     from blip.evaluate import evaluate_captioning, evaluate_filter, evaluate_retrieval, metrics_table
     from blip.tokenizer import build_tokenizer
-    from blip.train import TrainConfig, train
+    from blip.train import train
 
     torch.set_num_threads(os.cpu_count() or 1)
     data = out / "data"
@@ -67,9 +67,9 @@ def main(argv=None) -> int:
         tok = build_tokenizer(caption_corpus([web, human]), mp.vocab_size)
     mcfg = model_config(params, tok)
 
-    def fit(name: str, job_section: str, shards, init=None, **kw):
+    def fit(name: str, job_stage: str, shards, init=None, **kw):
         with stage(name):
-            cfg = build(TrainConfig, section(params, job_section), job_section)
+            cfg = train_config(params, job_stage)
             s = train(cfg, shards, out / "models" / name, init=init, tokenizer=None if init else tok,
                       model_cfg=None if init else mcfg, metrics_path=out / "metrics" / f"{name}.json", **kw)
             print(json.dumps({k: s[k] for k in ("steps", "final_ema", "pairs_per_s", "seconds")}))

@@ -1,0 +1,413 @@
+"""The ``assemble`` stage: the bootstrapped dataset = human pairs + kept web pairs + kept
+synthetic pairs (paper §3.3, Fig. 3), as new webdataset shards for pre-training a new model.
+
+Output layout (``out_dir``, a folder this stage owns)::
+
+    00000.tar 00000_stats.json ...   img2dataset convention, 9-digit keys; load with
+                                     blip.data.make_loader(out_dir, ...)
+    sizes.json                       tar name -> samples (open_clip)
+    stats.json                       counts per source, noise ratio (written last: its presence
+                                     means the folder is complete)
+    manifest/human-00000.parquet     one row per input sample: what became of it (below)
+    manifest/web-00000.parquet
+
+How sources are encoded: **one sample per kept (image, text) pair, one source per sample**, as
+BLIP's released bootstrapped data lists each (url, caption) separately and as img2dataset would
+download it. A web image whose web text and synthetic text are both kept becomes two samples (web
+first, then synthetic, adjacent keys) sharing the image bytes' content and one ``image_id``; a
+human image stays one sample with all its captions (``json["captions"]``), which the loader
+expands into pairs in training. Each sample's ``.json``::
+
+    key, caption, status ("success")        img2dataset's fields
+    captions                                 human samples: all captions
+    image_id                                 int, unique per image in the new set
+    source                                   "human" | "web" | "synthetic"
+    itm, itm_logit, itc                      the filter's scores of this text (null for human)
+    orig_key, orig_shard                     where the image came from ("web/00003.tar")
+
+The web ``.json`` is never copied (it may hold the generator's evaluation-only labels); texts are
+the filter's ``web_text``/``syn_text`` (as the loader cleans them), human captions as the decoder
+cleans them. Output shards: each input shard owns a fixed block of output shard ids (human shards
+first), enough for its worst case (``max_shard_samples`` per tar), so shards are assembled
+independently and in parallel; unused ids leave gaps in the numbering, which loaders ignore.
+
+Manifest columns: ``key``, ``status`` (loader verdict), ``human``/``web``/``synthetic``: "kept",
+"filter" (p < threshold), a skip reason, or null where the source does not apply; ``web_pass``,
+``syn_pass`` (p >= threshold, null if unscored); ``texts`` (pairs written); ``out_keys``.
+
+``stats.json``: per source ``input = kept + dropped`` (asserted, with ``input`` counted from the
+input shards' metadata and ``kept`` from the written shards), ``dropped_by`` reason. Units: human
+= images (kept with all their captions); web and synthetic = texts (one per web image).
+``noise_ratio`` (Table 2) = share of scored synthetic texts with p < threshold, i.e. that the
+filter drops; ``web_drop_ratio`` = the same for web texts. Both describe the captioner/filter
+pair at the threshold and are reported in every parts setting (null when nothing was scored).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..data.decode import IMAGE_EXTS
+from ..data.shards import (
+    MAX_SHARD_SIZE,
+    count_shards,
+    dumps,
+    resolve_shards,
+    write_shard,
+    write_sizes,
+)
+from ..data.tario import RawSample, ShardEnd, iter_shard_samples
+from .fingerprint import config_hash, content_hash, file_fingerprint
+from .reader import OK, SampleStream
+from .selection import DEFAULT_THRESHOLD, PARTS, decide, parts_name, read_scores
+from .shardwork import (
+    EXECUTORS,
+    ShardResult,
+    ShardTask,
+    read_record,
+    result_name,
+    run_shards,
+    write_bytes_atomic,
+)
+
+_log = logging.getLogger("blip.capfilt")
+
+STAGE = "assemble"
+VERSION = 1
+MANIFEST = "manifest"
+STATS = "stats.json"
+KEPT, FILTERED = "kept", "filter"
+UNREAD = "unread_after_damage"  # samples behind the damage in a truncated/corrupt input shard
+SOURCES = ("human", "web", "synthetic")
+
+MANIFEST_SCHEMA = pa.schema([
+    ("key", pa.string()), ("status", pa.string()),
+    ("human", pa.string()), ("web", pa.string()), ("synthetic", pa.string()),
+    ("web_pass", pa.bool_()), ("syn_pass", pa.bool_()),
+    ("texts", pa.int32()), ("out_keys", pa.list_(pa.string())),
+])
+
+
+@dataclass
+class AssembleConfig:
+    """The ``assemble`` section of ``params.yaml``: the CapFilt parts (Table 1) and the threshold.
+    ``use_filter``: drop texts with ITM p(match) < ``threshold``; ``use_captioner``: add the
+    synthetic captions. ``max_shard_samples``: samples per output tar (<= 10000, 4-digit index)."""
+
+    threshold: float = DEFAULT_THRESHOLD
+    use_filter: bool = True
+    use_captioner: bool = True
+    max_shard_samples: int = MAX_SHARD_SIZE
+    workers: int = 1
+    executor: str = "thread"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold={self.threshold}: a probability, in [0, 1]")
+        if not 1 <= self.max_shard_samples <= MAX_SHARD_SIZE:
+            raise ValueError(f"max_shard_samples={self.max_shard_samples}: must be in 1..{MAX_SHARD_SIZE}")
+        if self.workers < 1 or self.executor not in EXECUTORS:
+            raise ValueError(f"workers must be >= 1 and executor one of {EXECUTORS}")
+
+    @property
+    def parts(self) -> str:
+        """Table 1's name for this setting: none | filter | captioner | both."""
+        return parts_name(self.use_filter, self.use_captioner)
+
+    @classmethod
+    def for_parts(cls, parts: str, **kw) -> AssembleConfig:
+        if parts not in PARTS:
+            raise ValueError(f"parts={parts!r}: use one of {list(PARTS)}")
+        use_filter, use_captioner = PARTS[parts]
+        return cls(use_filter=use_filter, use_captioner=use_captioner, **kw)
+
+
+def _shard_label(url: str) -> str:
+    """``.../web/00003.tar`` -> ``web/00003.tar``: provenance without machine-specific paths."""
+    return f"{os.path.basename(os.path.dirname(url))}/{os.path.basename(url)}"
+
+
+class _OutputShards:
+    """Numbers and writes the samples made from one input shard into its block of shard ids."""
+
+    def __init__(self, out_dir: str, first_id: int, n_ids: int, per_shard: int):
+        self.out_dir, self.first_id, self.n_ids, self.per_shard = out_dir, first_id, n_ids, per_shard
+        self.members: list[list[tuple[str, bytes]]] = []
+        self.counts: list[Counter] = []
+        self.texts: list[Counter] = []
+        self.n = 0
+
+    def add(self, ext: str, image: bytes, caption: str, meta: dict, source: str, n_texts: int = 1) -> str:
+        part, index = divmod(self.n, self.per_shard)
+        if part >= self.n_ids:
+            raise RuntimeError(f"more output samples than the {self.n_ids * self.per_shard} allocated: the input "
+                               "shard holds more samples than its metadata says")
+        if part == len(self.members):
+            self.members.append([])
+            self.counts.append(Counter())
+            self.texts.append(Counter())
+        shard_id = self.first_id + part
+        key = f"{shard_id:05d}{index:04d}"
+        meta = {"key": key, "caption": caption, "status": "success", **meta}
+        if meta.get("image_id") is None:
+            meta["image_id"] = int(key)
+        self.members[part] += [(f"{key}.{ext}", image), (f"{key}.txt", caption.encode("utf-8")), (f"{key}.json", dumps(meta))]
+        self.counts[part][source] += 1
+        self.texts[part][source] += n_texts
+        self.n += 1
+        return key
+
+    def write(self) -> list[str]:
+        """Write the tars (+ ``_stats.json``), clear this block's unused ids and stale temporaries."""
+        paths = []
+        for j in range(self.n_ids):
+            sid = self.first_id + j
+            base = os.path.join(self.out_dir, f"{sid:05d}")
+            for stale in glob.glob(glob.escape(base) + ".tar.tmp.*") + glob.glob(glob.escape(base) + "_stats.json.tmp.*"):
+                os.remove(stale)
+            if j < len(self.members):
+                extra = {"sources": dict(self.counts[j]), "source_texts": dict(self.texts[j])}
+                tar = write_shard(self.out_dir, sid, self.members[j], sum(self.counts[j].values()),
+                                  sum(self.texts[j].values()), extra_stats=extra)
+                paths += [tar, base + "_stats.json"]
+            else:
+                for p in (base + ".tar", base + "_stats.json"):
+                    if os.path.exists(p):
+                        os.remove(p)
+        return paths
+
+
+class AssembleWorker:
+    def __init__(self, cfg: AssembleConfig, out_dir: str):
+        self.cfg, self.out_dir = cfg, out_dir
+
+    def __call__(self, task: ShardTask) -> ShardResult:
+        p = task.params
+        out = _OutputShards(self.out_dir, p["first_id"], p["n_ids"], self.cfg.max_shard_samples)
+        rows, shard_error = self._human(task, out) if p["role"] == "human" else self._web(task, out)
+        outputs = out.write()  # before the manifest, which is the commit mark
+        return ShardResult(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), outputs=outputs, shard_error=shard_error)
+
+    def _human(self, task: ShardTask, out: _OutputShards) -> tuple[list[dict], str | None]:
+        stream = SampleStream(task.url)
+        rows = []
+        for v in stream:
+            row = _row(v.key, v.status, human=KEPT if v.status == OK else v.status)
+            if v.status == OK:
+                ext, image = v.image_member()
+                caps = v.sample.captions
+                meta = {"captions": caps, "source": "human", "itm": None, "itm_logit": None, "itc": None,
+                        "orig_key": v.key, "orig_shard": _shard_label(task.url)}
+                row["out_keys"] = [out.add(ext, image, caps[0], meta, "human", n_texts=len(caps))]
+                row["texts"] = len(caps)
+            rows.append(row)
+        return rows, stream.shard_error
+
+    def _web(self, task: ShardTask, out: _OutputShards) -> tuple[list[dict], str | None]:
+        cfg = self.cfg
+        scores = read_scores(task.params["scores"], cfg.use_captioner)
+        dec = decide(scores, cfg.threshold, cfg.use_filter, cfg.use_captioner).to_pylist()
+        sc = scores.to_pylist()
+        rows, shard_error, i = [], None, 0
+        for raw in iter_shard_samples(task.url):  # bytes only: the verdicts are in the score table
+            if isinstance(raw, ShardEnd):
+                shard_error = raw.error
+                continue
+            if i >= len(sc) or sc[i]["key"] != raw.key:
+                raise ValueError(f"{task.params['scores']} does not match {task.url} at sample {i} (key {raw.key!r}): "
+                                 "rerun the filter stage on these web shards")
+            rows.append(self._web_sample(task, raw, sc[i], dec[i], out))
+            i += 1
+        if i != len(sc):
+            raise ValueError(f"{task.params['scores']} has {len(sc)} rows but {task.url} has {i} samples: rerun the filter stage")
+        return rows, shard_error
+
+    def _web_sample(self, task: ShardTask, raw: RawSample, s: dict, d: dict, out: _OutputShards) -> dict:
+        cfg, ok = self.cfg, d["status"] == OK
+        web = (KEPT if d["keep_web"] else FILTERED) if ok else d["status"]
+        syn = None
+        if cfg.use_captioner and ok:
+            syn = KEPT if d["keep_syn"] else (FILTERED if s["syn_text"] else "empty_caption")
+        row = _row(s["key"], d["status"], web=web, synthetic=syn, web_pass=d["web_pass"], syn_pass=d["syn_pass"])
+        if d["keep_web"] or d["keep_syn"]:
+            ext = next(e for e in IMAGE_EXTS if e in raw.fields)
+            image_id = None
+            for which, source in (("web", "web"), ("syn", "synthetic")):
+                if not d[f"keep_{which}"]:
+                    continue
+                meta = {"source": source, "itm": s[f"itm_{which}"], "itm_logit": s[f"itm_logit_{which}"],
+                        "itc": s[f"itc_{which}"], "orig_key": raw.key, "orig_shard": _shard_label(task.url),
+                        "image_id": image_id}
+                key = out.add(ext, raw.fields[ext], s[f"{which}_text"], meta, source)
+                image_id = image_id if image_id is not None else int(key)  # both texts of an image: one id
+                row["out_keys"].append(key)
+                row["texts"] += 1
+        return row
+
+
+def _row(key: str, status: str, human=None, web=None, synthetic=None, web_pass=None, syn_pass=None) -> dict:
+    return {"key": key, "status": status, "human": human, "web": web, "synthetic": synthetic,
+            "web_pass": web_pass, "syn_pass": syn_pass, "texts": 0, "out_keys": []}
+
+
+# ---- the stage --------------------------------------------------------------------------------
+
+
+def _check_out_dir(out_dir: str, inputs: list[str]) -> None:
+    """``out_dir`` is replaced shard by shard, so it must be this stage's own folder."""
+    folders = {os.path.realpath(os.path.dirname(u)) for u in inputs}
+    if os.path.realpath(out_dir) in folders:
+        raise ValueError(f"out_dir {out_dir} is an input shard folder; assemble into a folder of its own")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isdir(os.path.join(out_dir, MANIFEST)):
+        raise FileExistsError(f"{out_dir} holds files that assemble did not write (no {MANIFEST}/ folder); it replaces "
+                              "the tars of its output folder, so give it a new or empty folder")
+
+
+def _tasks(cfg: AssembleConfig, human: list[str], web: list[str], scores_dir: str) -> list[ShardTask]:
+    """One task per input shard, each owning a block of output shard ids sized for its worst case."""
+    counts = count_shards(human + web)
+    tasks, next_id = [], 0
+    for role, urls in (("human", human), ("web", web)):
+        for url in urls:
+            n = counts[url].samples
+            worst = n * (2 if role == "web" and cfg.use_captioner else 1)
+            n_ids = math.ceil(worst / cfg.max_shard_samples)
+            inputs = {"shard": file_fingerprint(url), "out_ids": f"{next_id}+{n_ids}"}
+            params = {"role": role, "first_id": next_id, "n_ids": n_ids}
+            if role == "web":
+                scores = os.path.join(scores_dir, result_name(url))
+                if not os.path.exists(scores):
+                    raise FileNotFoundError(f"no score table {scores} for {url}: run the filter stage on these shards first")
+                inputs["scores"] = content_hash([scores])
+                params["scores"] = scores
+            tasks.append(ShardTask(url, f"{role}-{result_name(url)}", n, inputs, params))
+            next_id += n_ids
+    if next_id > 100_000:
+        raise ValueError(f"{next_id} output shards do not fit 5-digit shard ids; raise max_shard_samples or split the data")
+    return tasks
+
+
+def _prune(out_dir: str, tasks: list[ShardTask]) -> list[dict]:
+    """Records of the current manifests; delete manifests, tars and temporaries no task owns."""
+    mdir = os.path.join(out_dir, MANIFEST)
+    names = {t.name for t in tasks}
+    for p in glob.glob(os.path.join(mdir, "*")):
+        if os.path.basename(p) not in names:
+            os.remove(p)
+    records = [read_record(os.path.join(mdir, t.name)) for t in tasks]
+    keep = {os.path.normpath(os.path.join(mdir, rel)) for r in records for rel in r["outputs"]}
+    for pattern in ("*.tar", "*_stats.json", "*.tmp.*", "*.tmp-*"):
+        for p in glob.glob(os.path.join(out_dir, pattern)):
+            if os.path.normpath(p) not in keep:
+                os.remove(p)
+    return records
+
+
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _stats(cfg: AssembleConfig, tasks: list[ShardTask], records: list[dict], out_dir: str) -> tuple[dict, list[str]]:
+    mdir = os.path.join(out_dir, MANIFEST)
+    decisions = {s: Counter() for s in SOURCES}
+    passes = {"web_pass": Counter(), "syn_pass": Counter()}
+    images = 0
+    for task, rec in zip(tasks, records):
+        t = pq.read_table(os.path.join(mdir, task.name), columns=[*SOURCES, "web_pass", "syn_pass", "texts", "status"])
+        for s in SOURCES:
+            decisions[s].update(v for v in t.column(s).to_pylist() if v is not None)
+        for c, counter in passes.items():
+            counter.update(v for v in t.column(c).to_pylist() if v is not None)
+        images += sum(1 for n in t.column("texts").to_pylist() if n)
+        unread = task.expected_rows - rec["rows"]  # behind the damage of a truncated input shard
+        if unread:
+            decisions[task.params["role"]][UNREAD] += unread
+    written = {"samples": Counter(), "texts": Counter()}
+    tars = []
+    for rec in records:
+        for rel in rec["outputs"]:
+            if rel.endswith("_stats.json"):
+                st = _read_json(os.path.normpath(os.path.join(mdir, rel)))
+                written["samples"].update(st["sources"])
+                written["texts"].update(st["source_texts"])
+            else:
+                tars.append(os.path.basename(rel))
+    expected = {
+        "human": sum(t.expected_rows for t in tasks if t.params["role"] == "human"),
+        "web": sum(t.expected_rows for t in tasks if t.params["role"] == "web"),
+        # one synthetic caption per usable web image (a web decision of kept or filter)
+        "synthetic": decisions["web"][KEPT] + decisions["web"][FILTERED] if cfg.use_captioner else 0,
+    }
+    sources = {}
+    for s in SOURCES:
+        d = decisions[s]
+        kept, dropped = d[KEPT], d.total() - d[KEPT]
+        sources[s] = {"input": expected[s], "kept": kept, "dropped": dropped,
+                      "dropped_by": dict(sorted((k, v) for k, v in d.items() if k != KEPT))}
+        # input counted from the input shards, kept from the written shards, dropped from the decisions
+        assert expected[s] == kept + dropped, f"{s}: input {expected[s]} != kept {kept} + dropped {dropped}"
+        assert written["samples"][s] == kept, f"{s}: {written['samples'][s]} samples written but {kept} kept"
+
+    def ratio(c: Counter) -> float | None:
+        n = c[True] + c[False]
+        return c[False] / n if n else None
+
+    texts = {s: written["texts"][s] for s in SOURCES}
+    return {
+        "parts": cfg.parts, "use_filter": cfg.use_filter, "use_captioner": cfg.use_captioner, "threshold": cfg.threshold,
+        "units": {"human": "images (kept with all their captions)", "web": "texts (one per web image)",
+                  "synthetic": "texts (one per usable web image)"},
+        "sources": sources,
+        "noise_ratio": ratio(passes["syn_pass"]),
+        "web_drop_ratio": ratio(passes["web_pass"]),
+        "texts": {**texts, "total": sum(texts.values())},
+        "samples": sum(written["samples"].values()),
+        "images": images,
+        "shards": len(tars),
+    }, sorted(tars)
+
+
+def assemble(cfg: AssembleConfig, human_shards, web_shards, scores_dir, out_dir, tracker=None) -> dict:
+    """Write the bootstrapped dataset into ``out_dir`` (module docstring) from the human shards,
+    the web shards and the filter's score tables in ``scores_dir``; returns the ``stats.json``
+    content plus ``run`` (the ``run_shards`` summary: shards done / skipped). Input shards whose
+    manifest is valid (same config, same input shard and score table) are not redone."""
+    human, web = resolve_shards(human_shards), resolve_shards(web_shards)
+    out_dir, scores_dir = str(out_dir), str(scores_dir)
+    _check_out_dir(out_dir, human + web)
+    tasks = _tasks(cfg, human, web, scores_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    stats_path = os.path.join(out_dir, STATS)
+    if os.path.exists(stats_path):
+        os.remove(stats_path)  # the folder is complete again only when stats.json is rewritten
+    cfg_hash = config_hash(STAGE, VERSION, {k: getattr(cfg, k) for k in ("threshold", "use_filter", "use_captioner",
+                                                                       "max_shard_samples")})
+    if tracker is not None:
+        tracker.log_params({f"{STAGE}.{k}": v for k, v in asdict(cfg).items()} | {f"{STAGE}.parts": cfg.parts})
+    run = run_shards(STAGE, tasks, os.path.join(out_dir, MANIFEST), partial(AssembleWorker, cfg, out_dir), cfg_hash,
+                     workers=cfg.workers, executor=cfg.executor, tracker=tracker, progress=cfg.progress)
+    records = _prune(out_dir, tasks)
+    stats, tars = _stats(cfg, tasks, records, out_dir)
+    write_sizes(out_dir, {t: _read_json(os.path.join(out_dir, t[:-4] + "_stats.json"))["count"] for t in tars})
+    write_bytes_atomic(stats_path, json.dumps(stats, indent=1, sort_keys=True).encode())
+    if cfg.use_filter and (stats["web_drop_ratio"] or 0.0) > 0.9:
+        _log.warning("assemble: the filter drops %.0f%% of web texts at threshold %.2f; is it trained? An untrained "
+                     "ITM head gives p(match) near 1/3 for every pair (ITM trains on 1 positive per 2 hard negatives); "
+                     "look at the itm_web column in %s", 100 * stats["web_drop_ratio"], cfg.threshold, scores_dir)
+    if tracker is not None:
+        tracker.log_metrics({f"{STAGE}/{s}_{k}": stats["sources"][s][k] for s in SOURCES for k in ("input", "kept", "dropped")}
+                            | {f"{STAGE}/{k}": stats[k] for k in ("noise_ratio", "web_drop_ratio") if stats[k] is not None})
+        tracker.log_artifact(stats_path)
+    return {**stats, "run": run}

@@ -1,0 +1,148 @@
+"""The ``caption`` stage: one synthetic caption per web image, one table per web shard.
+
+Paper §3.3: the captioner (image-grounded decoder fine-tuned on the human pairs) writes one
+caption per web image with nucleus sampling (p 0.9); Table 2 compares beam search (3 beams),
+which gives safer but less diverse captions that the filter keeps more often.
+
+Output: ``out_dir/<shard>.parquet`` per web shard, one row per input sample, in shard order::
+
+    key      str   the sample key
+    caption  str   synthetic caption, prompt stripped, pre_caption-ed ("" unless status is ok)
+    status   str   "ok"; the loader's skip reason for an unusable sample (undecodable_image,
+                   missing_caption, truncated_tar, ...); "empty_caption" when the cleaned
+                   caption is empty
+
+Determinism: each image's sampling draws come from its own seed, derived from (``seed``, shard
+file name, key), so a caption does not depend on the batch size, the batch it lands in, the
+number of workers or which shards ran before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import pyarrow as pa
+import torch
+
+from ..data.shards import resolve_shards
+from ..data.text import PRETRAIN_MAX_WORDS, pre_caption
+from ..model import GenerationConfig
+from .fingerprint import config_hash, file_fingerprint
+from .models import InferenceModel, model_fingerprint
+from .reader import OK, ShardReader
+from .shardwork import (
+    EXECUTORS,
+    ShardResult,
+    ShardTask,
+    result_name,
+    run_shards,
+    shard_tasks,
+)
+
+STAGE = "caption"
+VERSION = 1  # bump when the table's meaning changes, so old results are recomputed
+METHODS = ("nucleus", "beam")
+EMPTY_CAPTION = "empty_caption"
+
+SCHEMA = pa.schema([("key", pa.string()), ("caption", pa.string()), ("status", pa.string())])
+
+
+@dataclass
+class CaptionConfig:
+    """The ``caption`` section of ``params.yaml``.
+
+    ``method``: ``nucleus`` (CapFilt, top_p 0.9 and BLIP's repetition penalty 1.1) or ``beam``
+    (``num_beams`` 3, no repetition penalty, as BLIP's ``generate``). ``max_length``/``min_length``
+    count the prompt's tokens, as BLIP's configs (20/5). ``seed``: nucleus sampling only.
+    How it runs (not part of the result's identity): ``batch_size``, ``device`` (auto | cpu |
+    cuda | cuda:N), ``workers`` (shards in flight), ``executor`` (thread | process), ``progress``.
+    """
+
+    method: str = "nucleus"
+    top_p: float = 0.9
+    num_beams: int = 3
+    max_length: int = 20
+    min_length: int = 5
+    seed: int = 0
+    batch_size: int = 32
+    device: str = "auto"
+    workers: int = 1
+    executor: str = "thread"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: use one of {METHODS}")
+        if self.batch_size < 1 or self.workers < 1:
+            raise ValueError("batch_size and workers must be >= 1")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor={self.executor!r}: use one of {EXECUTORS}")
+        self.generation()  # validates top_p, num_beams
+
+    def generation(self) -> GenerationConfig:
+        if self.method == "nucleus":
+            return GenerationConfig.nucleus(max_length=self.max_length, min_length=self.min_length, top_p=self.top_p)
+        return GenerationConfig(method="beam", num_beams=self.num_beams, max_length=self.max_length,
+                                min_length=self.min_length)
+
+    def identity(self) -> dict:
+        """The fields that decide the captions."""
+        d = {"generation": asdict(self.generation())}
+        if self.method == "nucleus":
+            d["seed"] = self.seed
+        return d
+
+
+def image_seed(seed: int, shard: str, key: str) -> int:
+    """Per-image sampling seed from (run seed, shard file name, key); 63 bits."""
+    digest = hashlib.blake2b(f"{seed}\0{shard}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class CaptionWorker:
+    """Captions one web shard (built once per thread pool / process; loads the captioner)."""
+
+    def __init__(self, cfg: CaptionConfig, captioner_dir: str):
+        self.cfg = cfg
+        self.m = InferenceModel(captioner_dir, "captioner", cfg.device)
+        self.gen = cfg.generation()
+        self.prompt = self.m.tokenizer.prompt_ids(self.m.model.cfg.prompt)
+
+    def __call__(self, task: ShardTask) -> ShardResult:
+        reader = ShardReader(task.url, self.m.image_size, self.cfg.batch_size)
+        shard = os.path.basename(task.url)
+        captions: dict[int, str] = {}
+        with torch.inference_mode():
+            for b in reader.batches():
+                seeds = [image_seed(self.cfg.seed, shard, k) for k in b.keys] if self.cfg.method == "nucleus" else None
+                ids = self.m.model.generate(b.images.to(self.m.device), self.prompt, self.gen, seeds=seeds)
+                texts = self.m.decode(ids[:, len(self.prompt):])  # prompt stripped, as BLIP's generate
+                for row, text in zip(b.rows, texts):
+                    captions[row] = pre_caption(text, PRETRAIN_MAX_WORDS)
+        status = list(reader.status)
+        for row, text in captions.items():
+            if not text:
+                status[row] = EMPTY_CAPTION
+        table = pa.table({"key": reader.keys, "caption": [captions.get(i, "") for i in range(len(reader.keys))],
+                          "status": status}, schema=SCHEMA)
+        return ShardResult(table, shard_error=reader.shard_error)
+
+
+def caption_shards(cfg: CaptionConfig, captioner_dir, web_shards, out_dir, tracker=None) -> dict:
+    """Caption every web image of ``web_shards`` (anything ``resolve_shards`` takes) with the
+    captioner in ``captioner_dir``; results in ``out_dir`` (module docstring). Finished shards
+    are skipped (``shardwork`` idempotency rule: same captioner weights, same ``identity()``,
+    same input shard). Returns the ``run_shards`` summary."""
+    urls = resolve_shards(web_shards)
+    cfg_hash = config_hash(STAGE, VERSION, {**cfg.identity(), "captioner": model_fingerprint(captioner_dir)})
+    tasks = shard_tasks(urls, result_name, lambda u: {"shard": file_fingerprint(u)})
+    if tracker is not None:
+        tracker.log_params({f"{STAGE}.{k}": v for k, v in asdict(cfg).items()})
+    return run_shards(STAGE, tasks, out_dir, partial(CaptionWorker, cfg, str(captioner_dir)), cfg_hash,
+                      workers=cfg.workers, executor=cfg.executor, tracker=tracker, progress=cfg.progress)
+
+
+__all__ = ["EMPTY_CAPTION", "OK", "SCHEMA", "CaptionConfig", "CaptionWorker", "caption_shards", "image_seed"]

@@ -1,0 +1,175 @@
+"""The ``filter`` stage: ITM and ITC scores of every web text and every synthetic text.
+
+Paper §3.3: the filter (image-grounded encoder fine-tuned with ITC+ITM on the human pairs)
+removes a text when its ITM head says "unmatched"; the maintainer's threshold is 0.5 on the
+softmax p(match) (blip-facts §1.17, issue #46). Scoring and selecting are separate steps:
+this stage stores the scores; ``selection.select`` applies a threshold, so trying another
+threshold never rescores. The raw ITM logit and the ITC cosine are kept too: the logit is what
+retrieval reranking adds, the cosine is the baseline filter that ``blip.evaluate`` compares with.
+
+Each image goes through the ViT once and both of its texts are scored against it
+(``itm_scores(..., image_index=...)``). Texts are tokenised with ``max_length`` 35 (BLIP's
+retrieval setting).
+
+Output: ``out_dir/<shard>.parquet`` per web shard, one row per input sample, in shard order::
+
+    key            str
+    web_text       str?     the sample's caption as the pre-training loader cleans it
+    syn_text       str?     the synthetic caption (null without captions_dir, or when empty)
+    itm_web        float32? softmax p(match) of (image, web_text)
+    itm_syn        float32? softmax p(match) of (image, syn_text)
+    itm_logit_web  float32? raw match logit (ITM head column 1)
+    itm_logit_syn  float32?
+    itc_web        float32? cosine of the normalised ITC features (not divided by temp)
+    itc_syn        float32?
+    status         str      "ok" or the loader's skip reason (scores are null then)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ..data.shards import resolve_shards
+from ..model import image_embeddings, itm_scores, text_embeddings
+from .caption import OK as CAPTION_OK
+from .fingerprint import config_hash, content_hash, file_fingerprint
+from .models import InferenceModel, model_fingerprint
+from .reader import ShardReader
+from .shardwork import (
+    EXECUTORS,
+    ShardResult,
+    ShardTask,
+    result_name,
+    run_shards,
+    shard_tasks,
+)
+
+STAGE = "filter"
+VERSION = 1
+TEXT_MAX_LENGTH = 35  # BLIP's retrieval setting (blip-facts §1.8)
+
+SCORE_COLUMNS = ("itm_web", "itm_syn", "itm_logit_web", "itm_logit_syn", "itc_web", "itc_syn")
+SCHEMA = pa.schema(
+    [("key", pa.string()), ("web_text", pa.string()), ("syn_text", pa.string())]
+    + [(c, pa.float32()) for c in SCORE_COLUMNS]
+    + [("status", pa.string())]
+)
+
+
+@dataclass
+class FilterConfig:
+    """The ``filter`` section of ``params.yaml``. ``max_length``: text tokens (35, retrieval).
+    How it runs (not part of the result's identity): ``batch_size`` (images per ViT pass; twice
+    as many texts per ITM pass), ``device``, ``workers``, ``executor``, ``progress``.
+    The keep/drop threshold is not here: it belongs to ``assemble`` (``selection.select``)."""
+
+    max_length: int = TEXT_MAX_LENGTH
+    batch_size: int = 64
+    device: str = "auto"
+    workers: int = 1
+    executor: str = "thread"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_length < 3 or self.batch_size < 1 or self.workers < 1:
+            raise ValueError("max_length must be >= 3, batch_size and workers >= 1")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor={self.executor!r}: use one of {EXECUTORS}")
+
+
+def read_captions(path: str) -> tuple[list[str], list[str | None]]:
+    """(keys, caption or None) of a caption table; None where there is no usable caption."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run the caption stage on the same web shards first")
+    t = pq.read_table(path, columns=["key", "caption", "status"])
+    keys = t.column("key").to_pylist()
+    caps = [c if s == CAPTION_OK and c else None
+            for c, s in zip(t.column("caption").to_pylist(), t.column("status").to_pylist())]
+    return keys, caps
+
+
+class FilterWorker:
+    """Scores one web shard (built once per thread pool / process; loads the filter)."""
+
+    def __init__(self, cfg: FilterConfig, filter_dir: str, captions_dir: str | None):
+        self.cfg = cfg
+        self.captions_dir = captions_dir
+        self.m = InferenceModel(filter_dir, "filter", cfg.device)
+
+    def __call__(self, task: ShardTask) -> ShardResult:
+        syn_keys, syn_caps = (read_captions(os.path.join(self.captions_dir, task.name))
+                              if self.captions_dir is not None else (None, None))
+        reader = ShardReader(task.url, self.m.image_size, self.cfg.batch_size)
+        cols: dict[str, dict[int, float]] = {c: {} for c in SCORE_COLUMNS}
+        with torch.inference_mode():
+            for b in reader.batches():
+                syn = [syn_caps[r] if syn_caps is not None and r < len(syn_caps) else None for r in b.rows]
+                self._score(b, syn, cols)
+        if syn_keys is not None and syn_keys != reader.keys:
+            raise ValueError(f"{os.path.join(self.captions_dir, task.name)} does not hold the samples of {task.url} "
+                             "(keys differ): rerun the caption stage on these web shards")
+        n = len(reader.keys)
+        syn_text = [None] * n if syn_caps is None else [c if reader.status[i] == "ok" else None
+                                                         for i, c in enumerate(syn_caps)]
+        data = {"key": reader.keys, "web_text": reader.texts, "syn_text": syn_text}
+        for c in SCORE_COLUMNS:
+            data[c] = [cols[c].get(i) for i in range(n)]
+        data["status"] = reader.status
+        return ShardResult(pa.table(data, schema=SCHEMA), shard_error=reader.shard_error,
+                           info={"with_captions": syn_caps is not None})
+
+    def _score(self, b, syn: list[str | None], cols: dict[str, dict[int, float]]) -> None:
+        m = self.m
+        emb, img_feat = image_embeddings(m.model, b.images.to(m.device))  # ViT once per image
+        texts = list(b.texts)
+        image_index = list(range(len(texts)))
+        targets = [("web", r) for r in b.rows]
+        for i, (row, text) in enumerate(zip(b.rows, syn)):
+            if text:
+                texts.append(text)
+                image_index.append(i)
+                targets.append(("syn", row))
+        ids, mask = m.tokenize(texts, self.cfg.max_length)
+        idx = torch.tensor(image_index, device=m.device)
+        itm = itm_scores(m.model, emb, ids, mask, image_index=idx)
+        itc = (img_feat[idx] * text_embeddings(m.model, ids, mask)).sum(-1)  # both normalised: cosine
+        prob, logit, cos = itm.prob.float().cpu().tolist(), itm.logit.float().cpu().tolist(), itc.float().cpu().tolist()
+        for (which, row), p, lg, c in zip(targets, prob, logit, cos):
+            cols[f"itm_{which}"][row] = p
+            cols[f"itm_logit_{which}"][row] = lg
+            cols[f"itc_{which}"][row] = c
+
+
+def score_shards(cfg: FilterConfig, filter_dir, web_shards, captions_dir, out_dir, tracker=None) -> dict:
+    """Score every web sample of ``web_shards`` with the filter in ``filter_dir``: its web text
+    and, when ``captions_dir`` (the caption stage's output) is given, its synthetic caption.
+    Results in ``out_dir`` (module docstring); finished shards are skipped (same filter weights,
+    same ``max_length``, same input shard, same caption table). Returns the ``run_shards`` summary."""
+    urls = resolve_shards(web_shards)
+    captions_dir = None if captions_dir is None else str(captions_dir)
+    cfg_hash = config_hash(STAGE, VERSION, {"max_length": cfg.max_length, "filter": model_fingerprint(filter_dir),
+                                            "with_captions": captions_dir is not None})
+
+    def fingerprints(url: str) -> dict[str, str]:
+        fp = {"shard": file_fingerprint(url)}
+        if captions_dir is not None:
+            cap = os.path.join(captions_dir, result_name(url))
+            if not os.path.exists(cap):
+                raise FileNotFoundError(f"no caption table {cap} for {url}: run the caption stage on these shards first")
+            fp["captions"] = content_hash([cap])
+        return fp
+
+    tasks = shard_tasks(urls, result_name, fingerprints)
+    if tracker is not None:
+        tracker.log_params({f"{STAGE}.{k}": v for k, v in asdict(cfg).items()})
+    return run_shards(STAGE, tasks, out_dir, partial(FilterWorker, cfg, str(filter_dir), captions_dir), cfg_hash,
+                      workers=cfg.workers, executor=cfg.executor, tracker=tracker, progress=cfg.progress)
+
+
+__all__ = ["SCHEMA", "SCORE_COLUMNS", "TEXT_MAX_LENGTH", "FilterConfig", "FilterWorker", "read_captions", "score_shards"]
