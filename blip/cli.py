@@ -145,14 +145,13 @@ def cmd_assemble(a, params) -> None:
 
 
 def cmd_evaluate(a, params) -> None:
-    import torch
-
     from .checkpoint import load_model
     from .data import gt_path
+    from .dist import resolve_device
     from .evaluate import evaluate_captioning, evaluate_retrieval
 
     ev = build(EvaluateParams, section(params, "evaluate"), "evaluate")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if ev.device == "auto" else ev.device
+    device = resolve_device(ev.device)
     metrics: dict = {}
     if a.retrieval:
         model = load_model(a.retrieval).to(device)

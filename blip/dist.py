@@ -25,6 +25,18 @@ def is_main_process() -> bool:
     return rank() == 0 if is_initialized() else int(os.environ.get("RANK", "0")) == 0
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda when available, else cpu; ``cuda`` under torchrun → this rank's GPU
+    (``LOCAL_RANK``); asking for CUDA where there is none raises, naming the setting."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} but CUDA is not available here; use device: cpu or auto")
+    if name == "cuda" and is_initialized():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
 @torch.no_grad()
 def concat_all_gather(t: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0 without gradient (momentum features for the queues)."""

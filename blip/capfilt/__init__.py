@@ -24,7 +24,7 @@ _EXPORTS = {
     "AssembleConfig": "assemble", "assemble": "assemble",
     "CaptionConfig": "caption", "caption_shards": "caption", "image_seed": "caption",
     "FilterConfig": "filter", "score_shards": "filter",
-    "resolve_device": "models",
+    "resolve_device": "models",  # re-exported from blip.dist
     "PARTS": "selection", "decide": "selection", "select": "selection",
     "ShardResult": "shardwork", "ShardTask": "shardwork", "read_record": "shardwork", "run_shards": "shardwork",
 }

@@ -15,21 +15,13 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_model, read_config
+from ..dist import resolve_device
 from ..model import BlipBase
 from ..tokenizer import BlipTokenizer
 from .fingerprint import dir_fingerprint
 
 CAPTIONER_ARCHS = {"BlipCaptioner": "BlipCaptioner", "BlipPretrain": "BlipCaptioner"}
 FILTER_ARCHS = {"BlipRetrieval": "BlipRetrieval", "BlipPretrain": "BlipPretrain"}
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda``/``cuda:N`` without CUDA raises."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} but CUDA is not available here; use device: cpu or auto")
-    return torch.device(name)
 
 
 class InferenceModel:

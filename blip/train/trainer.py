@@ -32,16 +32,6 @@ from .optim import lr_at, param_groups, set_lr
 from .state import config_hash, load_state, read_state, save_state
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} but CUDA is not available; use device: cpu or auto")
-    if name == "cuda" and dist.is_initialized():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
-
-
 def init_distributed(device_name: str) -> None:
     """Join the process group torchrun describes (no-op for a single process)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -78,7 +68,7 @@ def train(
     out_dir = Path(out_dir)
     resume_dir = Path(resume_dir) if resume_dir is not None else out_dir.with_name(out_dir.name + ".resume")
     init_distributed(cfg.device)
-    device = resolve_device(cfg.device)
+    device = dist.resolve_device(cfg.device)
     world, rank = dist.world_size(), dist.rank()
     main = dist.is_main_process()
 
