@@ -37,6 +37,7 @@ class TrainConfig:
     alpha_ramp_epochs: float = 2.0  # distillation weight ramps in over this many epochs
     max_text_len: int = 30  # 30 pre-training, 35 retrieval, 40 captioning (blip-facts §1.6, §1.8)
     min_scale: float = 0.2  # random-resized-crop scale: 0.2 pre-training, 0.5 fine-tuning
+    augment: bool = True  # horizontal flip + RandomAugment(2, 5) after the crop (BLIP's train transform)
     negative_all_rank: bool = False  # retrieval ITM negatives from every rank (COCO: True)
     bf16: bool = False  # autocast matmuls to bfloat16
     grad_checkpointing: bool = False

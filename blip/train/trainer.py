@@ -88,7 +88,8 @@ def train(
     loader = BlipLoader(
         shards,
         LoaderConfig(batch_size=micro, image_size=model.cfg.vision.image_size, train=True, min_scale=cfg.min_scale,
-                     max_words=cfg.max_text_len, seed=cfg.seed, num_workers=cfg.num_workers),
+                     hflip=cfg.augment, randaugment=cfg.augment, max_words=cfg.max_text_len, seed=cfg.seed,
+                     num_workers=cfg.num_workers),
         rank=rank, world_size=world,
     )
     steps_per_epoch = len(loader) // cfg.grad_accum_steps
