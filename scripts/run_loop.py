@@ -22,7 +22,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blip.cli import ModelParams, model_config, train_config  # noqa: E402
+from blip.cli import EvaluateParams, ModelParams, model_config, train_config  # noqa: E402
 from blip.params import build, load_params, section  # noqa: E402
 
 TIMES: dict[str, float] = {}
@@ -92,18 +92,19 @@ def main(argv=None) -> int:
     re_ret = fit("capfilt_retrieval", "finetune_filter", human, init=re_pre)
 
     results = {}
-    ev = section(params, "evaluate") if "evaluate" in params else {}
-    k = ev.get("k_test", 64)
+    ev = build(EvaluateParams, section(params, "evaluate"), "evaluate")
     for label, ret_dir, cap_model_dir in [("baseline", filt, captioner), ("CapFilt", re_ret, re_cap)]:
         with stage(f"evaluate {label}"):
             ret = load_model(ret_dir)
             cap = load_model(cap_model_dir)
             m = {}
-            for split in ("test", "zeroshot"):
-                r = evaluate_retrieval(ret, tok, data / split, k=k)
+            for split in ev.retrieval_splits:
+                r = evaluate_retrieval(ret, tok, data / split, k=ev.k_test, batch_size=ev.batch_size)
                 m.update({f"{split}/{key}": v for key, v in r.items() if key.startswith(("txt_r", "img_r", "r_mean"))})
-            cm, _ = evaluate_captioning(cap, tok, data / "test", gt_path(str(data), "test"))
-            m.update({f"test/{key}": v for key, v in cm.items() if key in ("Bleu_4", "CIDEr", "ROUGE_L", "METEOR")})
+            split = ev.caption_split
+            meteor = {"auto": "auto", "on": True, "off": False}[ev.meteor]
+            cm, _ = evaluate_captioning(cap, tok, data / split, gt_path(str(data), split), meteor=meteor)
+            m.update({f"{split}/{key}": v for key, v in cm.items() if key in ("Bleu_4", "CIDEr", "ROUGE_L", "METEOR")})
             results[label] = m
     with stage("filter quality"):
         fq = evaluate_filter(score_dir, web)
