@@ -58,13 +58,5 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "") -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise KeyError(f"unknown key {where + '.' if where else ''}{unknown[0]!r}; allowed: {sorted(names)}")
-        return cls(**d)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
