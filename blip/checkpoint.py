@@ -115,6 +115,4 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], strict:
     if strict and (missing or unexpected):
         raise KeyError(f"checkpoint does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    if hasattr(model, "_pairs"):
-        model._pairs = None
     return {"missing": missing, "unexpected": unexpected}
