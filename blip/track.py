@@ -83,3 +83,50 @@ class JsonlTracker:
 
     def log_artifact(self, path: str | Path, name: str | None = None) -> None:
         self._write({"artifact": str(path), "name": name})
+
+
+class CsvTracker:
+    """Per-step metrics with a given prefix as CSV (``dvc plots`` reads it): column ``step`` plus
+    the metric names without the prefix; the columns are fixed by the first logged row."""
+
+    def __init__(self, path: str | Path, prefix: str = "train/") -> None:
+        self.path, self.prefix = Path(path), prefix
+        self.columns: list[str] | None = None
+        if dist.is_main_process():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.unlink(missing_ok=True)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        row = {k[len(self.prefix):]: float(v) for k, v in metrics.items() if k.startswith(self.prefix)}
+        if step is None or not row or not dist.is_main_process():
+            return
+        with self.path.open("a") as f:
+            if self.columns is None:
+                self.columns = sorted(row)
+                f.write(",".join(["step", *self.columns]) + "\n")
+            f.write(",".join([str(step), *(f"{row[c]:.6g}" if c in row else "" for c in self.columns)]) + "\n")
+
+    def log_artifact(self, path: str | Path, name: str | None = None) -> None:
+        pass
+
+
+class TeeTracker:
+    """Sends every call to each of ``trackers``."""
+
+    def __init__(self, *trackers: Tracker) -> None:
+        self.trackers = trackers
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        for t in self.trackers:
+            t.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for t in self.trackers:
+            t.log_metrics(metrics, step)
+
+    def log_artifact(self, path: str | Path, name: str | None = None) -> None:
+        for t in self.trackers:
+            t.log_artifact(path, name)

@@ -1,0 +1,123 @@
+"""The DVC graph for real: ``dvc repro`` of the whole loop on the smoke params in a fresh git repo,
+a no-op second repro, ``dvc metrics/plots/exp show``, an ablation with ``dvc exp run -S`` that
+reruns only what depends on the factor, and the MLflow runs the stages wrote (client API)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+import yaml
+from pipeline_repo import make_repo, run
+
+pytestmark = pytest.mark.pipeline
+
+ALL_STAGES = {"data", "tokenizer", "pretrain", "finetune_captioner", "finetune_filter", "finetune_shared", "caption",
+              "filter", "assemble", "filter_quality", "repretrain", "downstream_captioner", "downstream_retrieval",
+              "evaluate@baseline", "evaluate@capfilt", "report"}
+# what depends on capfilt.decoding: the synthetic captions and everything built from them
+DECODING_DOWNSTREAM = {"caption", "filter", "assemble", "filter_quality", "repretrain", "downstream_captioner",
+                       "downstream_retrieval", "evaluate@capfilt", "report"}
+
+
+def dvc(repo, *args, **kw):
+    return run([sys.executable, "-m", "dvc", *args], repo, **kw)
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def lock_md5(repo, path: str) -> str:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return next(o["md5"] for s in lock["stages"].values() for o in s.get("outs", []) if o["path"] == path)
+
+
+def test_dvc_repro_runs_the_loop_then_nothing_then_only_what_a_factor_touches(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+
+    first = dvc(repo, "repro")
+    assert ran_stages(first.stdout) == ALL_STAGES
+    for out in ["models/captioner/model.safetensors", "models/filter/model.safetensors",
+                "models/repretrain/model.safetensors", "models/shared/SKIPPED.json", "report.md"]:
+        assert (repo / out).is_file(), out
+    assert sorted(p.name for p in (repo / "data/capfilt/captions").glob("*.parquet")) == \
+        ["00000.parquet", "00001.parquet", "00002.parquet", "00003.parquet"]
+    report = json.loads((repo / "metrics/report.json").read_text())
+    assert set(report) >= {"baseline", "capfilt", "dataset", "filter_quality", "dataset_md5"}
+    assert "test/r_mean" in report["baseline"] and "test/Bleu_4" in report["capfilt"]
+    ds = report["dataset"]
+    assert ds["web"]["input"] == 48 and ds["web"]["kept"] + ds["web"]["dropped"] == 48
+    assert report["dataset_md5"] == lock_md5(repo, "data/capfilt/dataset")
+    assert "| test/r_mean |" in (repo / "report.md").read_text()
+
+    # every dataset and checkpoint is versioned in dvc.lock
+    for out in ["data/generated", "models/tokenizer", "models/pretrain", "models/captioner", "models/filter",
+                "data/capfilt/captions", "data/capfilt/scores", "data/capfilt/dataset", "models/repretrain"]:
+        assert lock_md5(repo, out).endswith(".dir"), out
+
+    lock_before = (repo / "dvc.lock").read_text()
+    second = dvc(repo, "repro")
+    assert ran_stages(second.stdout) == set()
+    assert "Data and pipelines are up to date." in second.stdout
+    assert (repo / "dvc.lock").read_text() == lock_before
+
+    metrics = dvc(repo, "metrics", "show", "--json")
+    shown = json.loads(metrics.stdout)
+    flat = json.dumps(shown)
+    assert "metrics/evaluate_capfilt.json" in flat and "r_mean" in flat
+    dvc(repo, "plots", "show", "-o", "dvc_plots")
+    html = (repo / "dvc_plots/index.html").read_text()
+    assert "pre-training losses" in html and "plots/pretrain.csv" in html
+
+    _check_mlflow(repo)
+
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "smoke loop"], repo)
+    captions_before = lock_md5(repo, "data/capfilt/captions")
+    pretrain_before = lock_md5(repo, "models/pretrain")
+    exp = dvc(repo, "exp", "run", "-S", "capfilt.decoding=beam")
+    assert ran_stages(exp.stdout) == DECODING_DOWNSTREAM
+    assert yaml.safe_load((repo / "params.yaml").read_text())["capfilt"]["decoding"] == "beam"
+    assert lock_md5(repo, "models/pretrain") == pretrain_before
+    assert lock_md5(repo, "data/capfilt/captions") != captions_before
+    shown = dvc(repo, "exp", "show", "--no-pager", "--csv").stdout
+    assert "capfilt.decoding" in shown and "beam" in shown and "nucleus" in shown
+
+
+def _check_mlflow(repo) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    exp = client.get_experiment_by_name("blip-bootstrap")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("blip.role") == "bootstrap"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"  # the report stage ended the bootstrap run
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == ALL_STAGES
+    head = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    tags = parent.data.tags
+    assert tags["git.commit"] == head
+    assert tags["dvc.dataset_md5"] == lock_md5(repo, "data/capfilt/dataset")
+    assert {tags[k] for k in ("capfilt.parts", "capfilt.decoding", "capfilt.models", "model.sharing")} == \
+        {"both", "nucleus", "decoupled", "all_except_sa"}
+    assert parent.data.params["pretrain.max_steps"] == "6" and parent.data.params["capfilt.decoding"] == "nucleus"
+    assert "capfilt/test/r_mean" in parent.data.metrics and "baseline/test/CIDEr" in parent.data.metrics
+
+    pre = children["pretrain"]
+    history = client.get_metric_history(pre.info.run_id, "train/loss")
+    assert [m.step for m in history] == [2, 4, 6]
+    assert pre.data.params["pretrain.lr"] == "0.001"
+    for stage, expected in [("finetune_captioner", {"model", "model-hf"}), ("finetune_filter", {"model"}),
+                            ("repretrain", {"model"}), ("downstream_captioner", {"model", "model-hf"})]:
+        arts = {a.path for a in client.list_artifacts(children[stage].info.run_id)}
+        assert expected <= arts, (stage, arts)
+    files = {a.path for a in client.list_artifacts(children["finetune_captioner"].info.run_id, "model")}
+    assert {"model/model.safetensors", "model/config.json"} <= files
+    hf = {a.path for a in client.list_artifacts(children["finetune_captioner"].info.run_id, "model-hf")}
+    assert "model-hf/config.json" in hf
+    assert children["evaluate@capfilt"].data.metrics["test/r_mean"] >= 0
