@@ -25,6 +25,16 @@ def is_main_process() -> bool:
     return rank() == 0 if is_initialized() else int(os.environ.get("RANK", "0")) == 0
 
 
+def bf16_enabled(setting: bool | str, device: torch.device) -> bool:
+    """``auto`` → bfloat16 autocast where the hardware computes it natively (CUDA with bf16,
+    CPUs with AVX512-BF16/AMX); elsewhere emulated bf16 would be slower than float32."""
+    if setting != "auto":
+        return bool(setting)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` → cuda when available, else cpu; ``cuda`` under torchrun → this rank's GPU
     (``LOCAL_RANK``); asking for CUDA where there is none raises, naming the setting."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
 FILES = ["dvc.yaml", "params.yaml", "params-smoke.yaml", "prefect.yaml", "flows", ".dvcignore"]
-GITIGNORE = "mlflow.db\nmlartifacts/\n*.resume/\n__pycache__/\n.prefect/\ndvc_plots/\n"
+GITIGNORE = (PROJECT / ".gitignore").read_text()
 
 
 def repo_env(**extra: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.pipeline
 ALL_STAGES = {"data", "tokenizer", "pretrain", "finetune_captioner", "finetune_filter", "finetune_shared", "caption",
               "filter", "assemble", "filter_quality", "repretrain", "downstream_captioner", "downstream_retrieval",
               "evaluate@baseline", "evaluate@capfilt", "report"}
-# what depends on capfilt.decoding: the synthetic captions and everything built from them
+# what may depend on capfilt.decoding: the synthetic captions and everything built from them
 DECODING_DOWNSTREAM = {"caption", "filter", "assemble", "filter_quality", "repretrain", "downstream_captioner",
                        "downstream_retrieval", "evaluate@capfilt", "report"}
 
@@ -49,7 +49,8 @@ def test_dvc_repro_runs_the_loop_then_nothing_then_only_what_a_factor_touches(tm
     assert set(report) >= {"baseline", "capfilt", "dataset", "filter_quality", "dataset_md5"}
     assert "test/r_mean" in report["baseline"] and "test/Bleu_4" in report["capfilt"]
     ds = report["dataset"]
-    assert ds["web"]["input"] == 48 and ds["web"]["kept"] + ds["web"]["dropped"] == 48
+    web = ds["sources"]["web"]
+    assert web["input"] == 48 and web["kept"] + web["dropped"] == 48  # every web text accounted for
     assert report["dataset_md5"] == lock_md5(repo, "data/capfilt/dataset")
     assert "| test/r_mean |" in (repo / "report.md").read_text()
 
@@ -79,7 +80,10 @@ def test_dvc_repro_runs_the_loop_then_nothing_then_only_what_a_factor_touches(tm
     captions_before = lock_md5(repo, "data/capfilt/captions")
     pretrain_before = lock_md5(repo, "models/pretrain")
     exp = dvc(repo, "exp", "run", "-S", "capfilt.decoding=beam")
-    assert ran_stages(exp.stdout) == DECODING_DOWNSTREAM
+    ran = ran_stages(exp.stdout)
+    # only what reads the captions reruns; DVC stops early where an output comes out identical
+    # (the smoke filter may drop every text under both decodings: same dataset, same models)
+    assert {"caption", "filter", "assemble"} <= ran <= DECODING_DOWNSTREAM, ran
     assert yaml.safe_load((repo / "params.yaml").read_text())["capfilt"]["decoding"] == "beam"
     assert lock_md5(repo, "models/pretrain") == pretrain_before
     assert lock_md5(repo, "data/capfilt/captions") != captions_before

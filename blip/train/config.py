@@ -39,7 +39,7 @@ class TrainConfig:
     min_scale: float = 0.2  # random-resized-crop scale: 0.2 pre-training, 0.5 fine-tuning
     augment: bool = True  # horizontal flip + RandomAugment(2, 5) after the crop (BLIP's train transform)
     negative_all_rank: bool = False  # retrieval ITM negatives from every rank (COCO: True)
-    bf16: bool = False  # autocast matmuls to bfloat16
+    bf16: bool | str = False  # autocast matmuls to bfloat16; auto = where the device does bf16 natively
     grad_checkpointing: bool = False
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -54,6 +54,8 @@ class TrainConfig:
             raise ValueError(f"job={self.job!r} unknown; use one of {JOBS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} unknown; use one of {SCHEDULES}")
+        if self.bf16 not in (True, False, "auto"):
+            raise ValueError(f"bf16={self.bf16!r}: use true, false or auto")
         for name in ("epochs", "batch_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")

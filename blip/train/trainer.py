@@ -120,9 +120,8 @@ def train(
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
         )
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
-    )
+    bf16 = dist.bf16_enabled(cfg.bf16, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     bar = None
     if main and cfg.progress:
         from tqdm import tqdm
@@ -193,6 +192,7 @@ def train(
         "epochs": cfg.epochs,
         "steps_per_epoch": steps_per_epoch,
         "world_size": world,
+        "bf16": bf16,
         "final": {k: round(v, 5) for k, v in last.items()},
         "final_ema": {k: round(v, 5) for k, v in ema.items()},
         "pairs_per_s": round(steps_timed * cfg.batch_size / elapsed, 2) if steps_timed else None,
