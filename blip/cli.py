@@ -235,7 +235,7 @@ def cmd_report(a, params, tracker) -> None:
             extra[key] = json.loads(Path(path).read_text())
             parts.append(f"## {title}\n\n{metrics_table({'value': extra[key]})}\n")
     md5 = _dataset_md5(Path(a.lock), a.dataset) if a.dataset else None
-    times = tracker.stage_durations() if hasattr(tracker, "stage_durations") else {}
+    times = tracker.stage_durations()
     if times:
         rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in times.items())
         parts.append(f"## Stage wall time (MLflow child runs of this bootstrap, s)\n\n| stage | s |\n|---|---:|\n{rows}\n"

@@ -1,0 +1,432 @@
+"""MLflow tracking for the pipeline: one parent run per bootstrap, one child run per stage.
+
+The store is ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<root>/mlflow.db``; a newly created
+experiment keeps its artifacts in ``<root>/mlartifacts``. Everything goes through
+``MlflowClient`` with explicit run ids — never MLflow's global active run — so a stage can run
+inside other code (a Prefect task, a test) without the two fighting over ``mlflow.start_run``.
+
+Who ends the parent: when ``BLIP_MLFLOW_PARENT_RUN_ID`` is set (the Prefect flow created the
+parent), stages attach to it and leave it running. Otherwise the first stage reuses a RUNNING
+parent of this workspace with the same ablation factors, or starts one, and the ``report``
+stage finishes it.
+
+``mlflow`` (1-2 s to import) and ``torch`` are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import posixpath
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "blip-bootstrap"
+DEFAULT_UI_URL = "http://127.0.0.1:5000"
+PARENT_ENV = "BLIP_MLFLOW_PARENT_RUN_ID"
+FACTOR_KEYS = ("capfilt.parts", "capfilt.decoding", "capfilt.models", "model.sharing")
+ROLE_TAG, WORKSPACE_TAG, STAGE_TAG = "blip.role", "blip.workspace", "blip.stage"
+PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment without this tag as a GenAI one (traces, no runs table).
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+
+_MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_METRICS_PER_BATCH = 1000
+
+
+# -- pure helpers -------------------------------------------------------------------------------------
+
+
+def tracking_uri(root: str | Path) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else the SQLite store ``<root>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def enabled(params: dict[str, Any]) -> bool:
+    """``mlflow.enabled`` in the params (off when the section is absent), unless ``BLIP_MLFLOW=0``."""
+    return bool((params.get("mlflow") or {}).get("enabled", False)) and os.environ.get("BLIP_MLFLOW") != "0"
+
+
+def _get(params: dict[str, Any], dotted: str) -> Any:
+    node: Any = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def factor_tags(params: dict[str, Any]) -> dict[str, str]:
+    """The four ablation factors (Tables 1-4) -> their values (factors absent from ``params`` are left out)."""
+    return {k: str(v) for k in FACTOR_KEYS if (v := _get(params, k)) is not None}
+
+
+def _key(name: str) -> str:
+    """A valid MLflow param/metric name: characters outside ``[/\\w.\\- :]`` become ``_`` and the
+    path is normalised (``a//b`` -> ``a/b``), else MLflow rejects the whole batch."""
+    key = posixpath.normpath(re.sub(r"[^/\w.\- :]", "_", str(name))).lstrip("/")
+    return "_" if key in ("", ".") or key.startswith("..") else key
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, (list, tuple, dict)):
+        s = json.dumps(value, default=str)
+    else:
+        s = str(value)
+    return s if len(s) <= _MAX_PARAM_VALUE else s[: _MAX_PARAM_VALUE - 3] + "..."
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = _param_value(value)
+
+
+def flat_params(params: dict[str, Any], sections: list[str] | tuple[str, ...] | None = None) -> dict[str, str]:
+    """``{"section.key": str(value)}`` with nested dicts dotted, lists (and empty dicts) as JSON.
+
+    ``sections`` picks top-level sections (all when ``None``); names not in ``params`` are skipped.
+    """
+    names = list(params) if sections is None else [s for s in sections if s in params]
+    out: dict[str, str] = {}
+    for name in names:
+        _flatten(str(name), params[name], out)
+    return out
+
+
+def _git_commit(root: Path) -> str:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=root, capture_output=True, text=True,
+                           timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
+
+
+def _is_main_process() -> bool:
+    from blip import dist
+
+    return dist.is_main_process()
+
+
+# -- MLflow plumbing ----------------------------------------------------------------------------------
+
+
+def _client(root: str | Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri(root))
+
+
+def _is_remote(uri: str) -> bool:
+    return uri.split(":", 1)[0] in ("http", "https", "databricks")
+
+
+def _experiment_id(client, root: str | Path, params: dict[str, Any]) -> str:
+    """Get or create the experiment named in ``mlflow.experiment``, marked as a model-training one for
+    the UI; a new one keeps its artifacts in ``<root>/mlartifacts`` (a remote server keeps its own
+    artifact root)."""
+    from mlflow.exceptions import MlflowException
+
+    name = (params.get("mlflow") or {}).get("experiment") or DEFAULT_EXPERIMENT
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        if KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+        return exp.experiment_id
+    location = None
+    if not _is_remote(tracking_uri(root)):
+        location = (Path(root).resolve() / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})
+    except MlflowException:  # another process created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _log_params(client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(_key(k), v) for k, v in params.items()]
+    for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[i : i + _MAX_PARAMS_PER_BATCH], synchronous=True)
+
+
+def _log_metrics(client, run_id: str, metrics: dict[str, Any], step: int | None) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = []
+    for k, v in metrics.items():
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            log.warning("mlflow: metric %s=%r is not a number; skipped", k, v)
+            continue
+        if math.isfinite(v):
+            items.append(Metric(_key(k), v, now, int(step or 0)))
+    for i in range(0, len(items), _MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=items[i : i + _MAX_METRICS_PER_BATCH], synchronous=True)
+
+
+def _set_tags(client, run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, str(v)) for k, v in tags.items()]
+    for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, tags=items[i : i + _MAX_PARAMS_PER_BATCH], synchronous=True)
+
+
+# -- parent runs --------------------------------------------------------------------------------------
+
+
+def _run_name(params: dict[str, Any]) -> str:
+    parts = [str(_get(params, k)) if _get(params, k) is not None else "?" for k in FACTOR_KEYS]
+    return "bootstrap " + "/".join(parts)
+
+
+def start_parent(
+    root: str | Path,
+    params: dict[str, Any],
+    *,
+    prefect_flow_run_id: str | None = None,
+    prefect_flow_run_name: str | None = None,
+    run_name: str | None = None,
+) -> str:
+    """Create the parent run of one bootstrap (all params, git commit, factors as tags); returns its id."""
+    root = Path(root).resolve()
+    client = _client(root)
+    commit = _git_commit(root)
+    tags = {
+        ROLE_TAG: "bootstrap",
+        WORKSPACE_TAG: str(root),
+        "git.commit": commit,
+        **factor_tags(params),
+    }
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    if prefect_flow_run_id is not None:
+        tags["prefect.flow_run_id"] = str(prefect_flow_run_id)
+    if prefect_flow_run_name is not None:
+        tags["prefect.flow_run_name"] = str(prefect_flow_run_name)
+    run = client.create_run(_experiment_id(client, root, params), tags=tags, run_name=run_name or _run_name(params))
+    _log_params(client, run.info.run_id, flat_params(params))
+    log.info("mlflow: started parent run %s", run.info.run_id)
+    return run.info.run_id
+
+
+def resolve_parent(root: str | Path, params: dict[str, Any]) -> tuple[str, bool]:
+    """The parent for a stage: ``($BLIP_MLFLOW_PARENT_RUN_ID, True)``, else ``(id, False)`` of the newest
+    RUNNING bootstrap of this workspace with the same factors, else of a new one."""
+    env = os.environ.get(PARENT_ENV)
+    if env:
+        return env, True
+    root = Path(root).resolve()
+    client = _client(root)
+    exp_id = _experiment_id(client, root, params)
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{ROLE_TAG}` = 'bootstrap'",
+        order_by=["attributes.start_time DESC"],
+        max_results=200,
+    )
+    factors = factor_tags(params)
+    for run in runs:
+        tags = run.data.tags
+        if tags.get(WORKSPACE_TAG) == str(root) and all(tags.get(k) == v for k, v in factors.items()):
+            return run.info.run_id, False
+    return start_parent(root, params), False
+
+
+def finish_parent(root: str | Path, run_id: str, status: str = "FINISHED") -> None:
+    """End the parent run (``FINISHED``, ``FAILED`` or ``KILLED``)."""
+    _client(root).set_terminated(run_id, status=status)
+
+
+def run_url(root: str | Path, run_id: str) -> str:
+    """The run's page in the MLflow UI (``$MLFLOW_UI_URL``, default ``http://127.0.0.1:5000``)."""
+    exp_id = _client(root).get_run(run_id).info.experiment_id
+    base = (os.environ.get("MLFLOW_UI_URL") or DEFAULT_UI_URL).rstrip("/")
+    return f"{base}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+# -- stage runs ---------------------------------------------------------------------------------------
+
+
+class StageTracker:
+    """A child run: implements :class:`blip.track.Tracker` plus checkpoint and parent logging."""
+
+    enabled = True
+
+    def __init__(self, root: str | Path, client, run_id: str, parent_run_id: str) -> None:
+        self.root = Path(root).resolve()
+        self.client = client
+        self.run_id = run_id
+        self.parent_run_id = parent_run_id
+        self._params: dict[str, str] = {}
+
+    # blip.track.Tracker
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params (nested dicts dotted). A key already logged with the same value is skipped; a
+        different value for it is warned about and skipped, since MLflow params are immutable."""
+        flat: dict[str, str] = {}
+        for k, v in params.items():
+            _flatten(str(k), v, flat)
+        flat = {_key(k): v for k, v in flat.items()}
+        new = {}
+        for k, v in flat.items():
+            old = self._params.get(k)
+            if old is None:
+                new[k] = v
+            elif old != v:
+                log.warning("mlflow: param %s already logged as %r; not changing it to %r", k, old, v)
+        if new:
+            _log_params(self.client, self.run_id, new)
+            self._params.update(new)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Batch-log ``metrics`` at ``step`` (0 when None); NaN/inf values are skipped, characters
+        MLflow refuses in a name (e.g. ``@``) become ``_``."""
+        _log_metrics(self.client, self.run_id, metrics, step)
+
+    def log_artifact(self, path: str | Path, name: str | None = None) -> None:
+        """A file goes under the artifact dir ``name`` (root when None); a directory's contents go
+        under ``name`` (the directory's own name when None)."""
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), name or path.name)
+        elif path.is_file():
+            self.client.log_artifact(self.run_id, str(path), name)
+        else:
+            raise FileNotFoundError(f"cannot log artifact {path}: no such file or directory")
+
+    # extras
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        _set_tags(self.client, self.run_id, tags)
+
+    def log_model_dir(self, path: str | Path, name: str, hf: bool = False) -> None:
+        """Log a checkpoint dir (``config.json`` + ``model.safetensors`` + ``tokenizer/``) under ``name/``;
+        with ``hf`` also its transformers ``BlipForConditionalGeneration`` export under ``name-hf/``."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+        self.client.log_artifacts(self.run_id, str(path), name)
+        if not hf:
+            return
+        from blip.checkpoint import load_model
+        from blip.convert import save_hf
+        from blip.tokenizer import BlipTokenizer
+
+        model = load_model(path)
+        tokenizer = BlipTokenizer.load(path / "tokenizer") if (path / "tokenizer" / "tokenizer.json").exists() else None
+        tmp = Path(tempfile.mkdtemp(prefix="blip-hf-"))
+        try:
+            save_hf(model, tmp, kind="captioner", tokenizer=tokenizer)
+            self.client.log_artifacts(self.run_id, str(tmp), f"{name}-hf")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def set_parent_tags(self, tags: dict[str, Any]) -> None:
+        _set_tags(self.client, self.parent_run_id, tags)
+
+    def log_parent_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        _log_metrics(self.client, self.parent_run_id, metrics, step)
+
+    def stage_durations(self) -> dict[str, float]:
+        """Wall seconds of the parent's finished stage runs, in start order (this bootstrap's timing)."""
+        runs = self.client.search_runs(
+            [self.client.get_run(self.parent_run_id).info.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time ASC"], max_results=1000,
+        )
+        return {r.info.run_name: (r.info.end_time - r.info.start_time) / 1000 for r in runs if r.info.end_time}
+
+
+class NullStageTracker:
+    """What :func:`stage_run` yields when tracking is off (or on a non-main rank): same methods, no-ops.
+    (Not a ``blip.track.NullTracker`` subclass: that module imports torch, this one must not.)"""
+
+    enabled = False
+    run_id: str | None = None
+    parent_run_id: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, name: str | None = None) -> None:
+        pass
+
+    def stage_durations(self) -> dict[str, float]:
+        return {}
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def log_model_dir(self, path: str | Path, name: str, hf: bool = False) -> None:
+        pass
+
+    def set_parent_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def log_parent_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+
+@contextmanager
+def stage_run(
+    root: str | Path, params: dict[str, Any], stage: str, sections: list[str] | tuple[str, ...] | None = None
+) -> Iterator[StageTracker | NullStageTracker]:
+    """A child run named ``stage`` under :func:`resolve_parent`'s parent, with the ``sections``' params
+    and the factors (as params and tags). The child ends FAILED when the body raises (re-raised),
+    else FINISHED; a ``report`` stage also finishes a parent that the environment does not own."""
+    if not enabled(params) or not _is_main_process():
+        yield NullStageTracker()
+        return
+    root = Path(root).resolve()
+    client = _client(root)
+    parent_id, env_owned = resolve_parent(root, params)
+    exp_id = client.get_run(parent_id).info.experiment_id
+    factors = factor_tags(params)
+    tags = {PARENT_TAG: parent_id, STAGE_TAG: stage, ROLE_TAG: "stage", WORKSPACE_TAG: str(root), **factors}
+    run = client.create_run(exp_id, tags=tags, run_name=stage)
+    tracker = StageTracker(root, client, run.info.run_id, parent_id)
+    tracker.log_params({**flat_params(params, sections), **factors})
+    log.info("mlflow: stage %s -> run %s (parent %s)", stage, tracker.run_id, parent_id)
+    try:
+        yield tracker
+    except SystemExit as e:
+        ok = e.code in (0, None)
+        client.set_terminated(tracker.run_id, status="FINISHED" if ok else "FAILED")
+        if ok and stage == "report" and not env_owned:
+            finish_parent(root, parent_id)
+        raise
+    except KeyboardInterrupt:
+        client.set_terminated(tracker.run_id, status="KILLED")
+        raise
+    except BaseException:
+        client.set_terminated(tracker.run_id, status="FAILED")
+        raise
+    client.set_terminated(tracker.run_id, status="FINISHED")
+    if stage == "report" and not env_owned:
+        finish_parent(root, parent_id)
