@@ -1,0 +1,282 @@
+"""The bootstrap as a Prefect flow: one task per DVC stage, in the order of DVC's graph.
+
+DVC owns what is up to date (``dvc.yaml`` + ``dvc.lock``); Prefect owns when, where and how often.
+Each stage task runs ``dvc repro --single-item <stage>`` in the workspace, so a task whose inputs
+did not change is a cheap no-op and ``dvc.lock`` always records what ran. Deployment parameters
+never bypass DVC: ``params``/``variant`` are written into ``params.yaml`` first (through
+``blip.pipeline.paramsfile``), so they become DVC params like any hand edit.
+
+One flow run = one MLflow parent run (``blip.pipeline.tracking``): the flow creates it, tags it
+with the Prefect flow run, hands its id to the stage processes in ``BLIP_MLFLOW_PARENT_RUN_ID``
+(each executed stage logs a child run under it), and ends it FINISHED or FAILED.
+
+Concurrency: DVC holds one lock per workspace, so stages run one at a time and two bootstrap runs
+must never share a checkout (``serve`` uses ``limit=1``; a work pool needs a concurrency limit of 1
+per checkout). The parallel work — CapFilt shards — happens *inside* the caption/filter stage
+commands (``caption.workers``/``caption.executor``, ``filter.workers``/``filter.executor`` in
+``params.yaml``); those outputs are ``persist: true`` with one atomic result per shard, so a task
+retry redoes only the shards that are missing.
+
+Settings (environment):
+  ``BLIP_ROOT``         workspace to run in (default: the repository holding this file); the
+                        ``root`` parameter overrides it.
+  ``BLIP_TASK_RUNNER``  the flow's task runner; ``thread`` (default, the only one):
+                        ``ThreadPoolTaskRunner(max_workers=1)``, since DVC serializes stages anyway.
+
+Usage::
+
+  python flows/bootstrap.py serve                       # deployment bootstrap/full, runs here
+  prefect deployment run bootstrap/full --watch --params '{"params": {"capfilt.decoding": "beam"}}'
+  python flows/bootstrap.py run --variant smoke --set capfilt.decoding=beam   # no deployment
+  prefect deploy --all                                  # prefect.yaml: work pool blip-gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from blip.pipeline import paramsfile, tracking
+
+REPO = Path(__file__).resolve().parents[1]
+TAIL_LINES = 30  # output lines quoted in the error of a failed stage
+
+
+def workspace(root: str | Path | None = None) -> Path:
+    """The workspace to run in: ``root``, else ``$BLIP_ROOT``, else this repository."""
+    return Path(root or os.environ.get("BLIP_ROOT") or REPO).resolve()
+
+
+def task_runner() -> ThreadPoolTaskRunner:
+    kind = os.environ.get("BLIP_TASK_RUNNER", "thread")
+    if kind != "thread":
+        raise ValueError(f"BLIP_TASK_RUNNER={kind!r}: only 'thread' is supported (DVC runs one stage at a time)")
+    return ThreadPoolTaskRunner(max_workers=1)
+
+
+def _address(stage, root_dir: str) -> str:
+    """How ``dvc repro`` run in ``root_dir`` names the stage (``Stage.addressing`` is relative to
+    the current directory): ``name`` for the top ``dvc.yaml``, else ``sub/dvc.yaml:name``."""
+    dvcfile = os.path.relpath(stage.path, root_dir)
+    return stage.name if dvcfile == "dvc.yaml" else f"{dvcfile}:{stage.name}"
+
+
+def stage_order(root: Path, only: list[str] | None = None) -> list[str]:
+    """Pipeline stages of ``root/dvc.yaml`` in dependency order (ties in file order), restricted to
+    ``only`` if given. A foreach group name (``evaluate``) selects all its items
+    (``evaluate@baseline``, ...). Only the named stages are returned — not their upstream."""
+    import networkx as nx
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    with Repo(str(root)) as repo:  # closed before any stage runs: one DVC lock per workspace
+        stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
+        name = {s: _address(s, repo.root_dir) for s in stages}
+        graph = nx.DiGraph()
+        graph.add_nodes_from(name.values())
+        # DVC's edges point from a stage to the stages it depends on; run dependencies first.
+        graph.add_edges_from((name[b], name[a]) for a, b in repo.index.graph.edges if a in name and b in name)
+    position = {n: i for i, n in enumerate(name.values())}
+    order = list(nx.lexicographical_topological_sort(graph, key=position.__getitem__))
+    if not only:
+        return order
+    wanted: set[str] = set()
+    for want in only:
+        hits = [n for n in order if n == want or n.startswith(f"{want}@")]
+        if not hits:
+            raise ValueError(f"stage {want!r} is not in {root / 'dvc.yaml'}; stages: {', '.join(order)}")
+        wanted.update(hits)
+    return [n for n in order if n in wanted]
+
+
+def stage_env(parent_run_id: str | None) -> dict[str, str]:
+    """Environment of a stage process: this interpreter's bin dir first on PATH (stage commands
+    call ``python -m blip ...``), no DVC analytics, unbuffered output, the MLflow parent run."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    if parent_run_id:
+        env["BLIP_MLFLOW_PARENT_RUN_ID"] = parent_run_id
+    else:
+        env.pop("BLIP_MLFLOW_PARENT_RUN_ID", None)
+    return env
+
+
+@task(task_run_name="{stage}", retries=2, retry_delay_seconds=[5, 30], cache_policy=NONE)
+def run_stage(stage: str, root: str, force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
+    """``dvc repro --single-item <stage>`` in ``root``, its output streamed to the run log.
+    Returns ``{"stage", "ran": False}`` when DVC found the stage up to date (plus
+    ``"restored": True`` when it checked the outputs out of its run cache instead of running the
+    command), else ``{"stage", "ran": True, "seconds"}``; raises ``RuntimeError`` with the output's tail on failure."""
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
+    logger.info("$ %s", " ".join(["dvc", *cmd[3:]]))
+    start = time.monotonic()
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    ran = restored = False
+    proc = subprocess.Popen(cmd, cwd=root, env=stage_env(parent_run_id), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        # progress bars redraw with "\r": keep only the last state of each line
+        line = raw.decode("utf-8", "replace").rstrip("\r\n").rsplit("\r", 1)[-1].rstrip()
+        if not line:
+            continue
+        tail.append(line)
+        ran = ran or line.startswith(f"Running stage '{stage}'")
+        restored = restored or line.startswith(f"Stage '{stage}' is cached")  # DVC's run cache
+        (logger.error if line.startswith("ERROR") else logger.info)(line)
+    rc = proc.wait()
+    seconds = round(time.monotonic() - start, 2)
+    if rc != 0:
+        raise RuntimeError(f"dvc repro {stage} failed (exit {rc}) after {seconds} s; last output:\n" + "\n".join(tail))
+    if not ran:
+        return {"stage": stage, "ran": False, **({"restored": True} if restored else {})}
+    return {"stage": stage, "ran": True, "seconds": seconds}
+
+
+def _number(value: Any) -> float | int | None:
+    """A finite int/float (rounded for display), else None: a table cell must be valid JSON."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value if isinstance(value, int) else round(value, 4)
+
+
+def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def results_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per numeric metric of ``report.json``: baseline, capfilt and their difference."""
+    base, capfilt = _flatten(report.get("baseline") or {}), _flatten(report.get("capfilt") or {})
+    rows = []
+    for metric in dict.fromkeys([*base, *capfilt]):
+        b, c = _number(base.get(metric)), _number(capfilt.get(metric))
+        if b is None and c is None:
+            continue  # notes such as "test/tokenizer" or the reasons a metric was skipped
+        delta = round(c - b, 4) if b is not None and c is not None else None
+        rows.append({"metric": metric, "baseline": b, "capfilt": c, "delta": delta})
+    return rows
+
+
+def publish(root: Path, run_id: str | None, report: bool) -> None:
+    """Prefect artifacts: the results table and ``report.md`` (when the report stage was part of
+    this run), and a link to the MLflow parent run."""
+    results = root / "metrics" / "report.json"
+    if report and results.is_file():
+        create_table_artifact(key="bootstrap-results", table=results_table(json.loads(results.read_text())),
+                              description="Downstream metrics: baseline (pre-trained on noisy web text) vs CapFilt")
+    md = root / "report.md"
+    if report and md.is_file():
+        create_markdown_artifact(key="bootstrap-report", markdown=md.read_text(), description="report.md")
+    if run_id:
+        create_link_artifact(key="mlflow-run", link=tracking.run_url(root, run_id), link_text="MLflow parent run",
+                             description="The MLflow run of this bootstrap (one child run per executed stage)")
+
+
+@flow(name="bootstrap", log_prints=True, task_runner=task_runner())
+def bootstrap(
+    params: dict[str, Any] | None = None,
+    variant: str | None = None,
+    stages: list[str] | None = None,
+    force: bool = False,
+    root: str | None = None,
+) -> dict[str, Any]:
+    """Bring the pipeline up to date, stage by stage.
+
+    params:  dotted overrides written into params.yaml first, e.g. {"capfilt.decoding": "beam"}.
+    variant: overlay params-<variant>.yaml onto params.yaml first (e.g. "smoke").
+    stages:  run only these stages (foreach groups by name), in pipeline order; their upstream is
+             not added, so it must already be up to date.
+    force:   re-run stages even when DVC finds them up to date.
+    root:    workspace (default $BLIP_ROOT, else this repository).
+
+    Returns {stage: ran, ..., "mlflow_run_id": id or None}.
+    """
+    ws = workspace(root)
+    params_path = ws / "params.yaml"
+    if variant:
+        paramsfile.apply_variant(params_path, variant)
+        print(f"applied variant {variant!r} to {params_path}")
+    if params:
+        paramsfile.set_params(params_path, params)  # ParamsError (naming the key) before any stage
+        print(f"set {params} in {params_path}")
+    p = paramsfile.load(ws)
+    order = stage_order(ws, stages)
+    print(f"stages: {', '.join(order)}")
+
+    run_id = None
+    if tracking.enabled(p):
+        run_id = tracking.start_parent(ws, p, prefect_flow_run_id=flow_run.id, prefect_flow_run_name=flow_run.name)
+        print(f"MLflow parent run {run_id}")
+    summary: dict[str, Any] = {}
+    status = "FAILED"
+    try:
+        for stage in order:
+            result = run_stage.submit(stage, str(ws), force, run_id).result()
+            summary[stage] = result["ran"]
+        publish(ws, run_id, report="report" in order)
+        status = "FINISHED"
+    finally:
+        if run_id:
+            tracking.finish_parent(ws, run_id, status=status)
+    ran = [s for s in order if summary[s]]
+    print(f"ran {len(ran)} of {len(order)} stages: {', '.join(ran) or 'none (all up to date)'}")
+    summary["mlflow_run_id"] = run_id
+    return summary
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: use KEY=VALUE, e.g. --set capfilt.decoding=beam")
+        out[key] = yaml.safe_load(value)  # "beam" -> str, "3" -> int, "true" -> bool
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="flows/bootstrap.py", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("serve", help="register deployment bootstrap/full and execute its runs here (Ctrl-C stops)")
+    run = sub.add_parser("run", help="run the flow once in this process (no deployment)")
+    run.add_argument("--variant", help="overlay params-<VARIANT>.yaml first, e.g. smoke")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params.yaml override (repeatable)")
+    run.add_argument("--stage", action="append", dest="stages", metavar="STAGE", help="run only this stage (repeatable)")
+    run.add_argument("--force", action="store_true", help="re-run stages DVC finds up to date")
+    run.add_argument("--root", help="workspace (default $BLIP_ROOT or this repository)")
+    args = ap.parse_args(argv)
+    if args.cmd == "serve":
+        bootstrap.serve(name="full", limit=1)  # one run at a time: one DVC lock per workspace
+    else:
+        summary = bootstrap(params=_parse_set(args.set) or None, variant=args.variant, stages=args.stages,
+                            force=args.force, root=args.root)
+        print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""The bootstrap flow through a real Prefect server and its ``full`` deployment (no mocks).
+
+A module-scoped ``prefect server start`` (SQLite under a temp PREFECT_HOME) and one
+``python flows/bootstrap.py serve`` process in a fresh project checkout (``pipeline_repo``, smoke
+variant) serve every test; runs are started the way a user starts them, with
+``prefect deployment run bootstrap/full --watch``, and checked through the server's REST API, the
+checkout's MLflow store and ``dvc status``. The full run executes the whole smoke pipeline (every
+stage a fresh ``python -m blip`` process: a few minutes on 2 cores); the rest takes about 40 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from pipeline_repo import make_repo, repo_env, run
+
+pytestmark = pytest.mark.slow
+
+FLOW_ARTIFACTS = {"bootstrap-results", "bootstrap-report", "mlflow-run"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _api(url: str, path: str, body: dict | None = None):
+    """GET (``body`` None) or POST JSON to the Prefect REST API; None on 404."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"{url}{path}", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return None
+        raise AssertionError(f"{path}: HTTP {e.code}: {e.read()[:500]!r}") from None
+
+
+def _stop(proc: subprocess.Popen, sig: int, timeout: float = 20) -> None:
+    """Signal a process we started; kill its session (flow-run subprocesses included) if it lingers."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _wait(what: str, ready, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what}: process exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        if ready():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not ready after {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def prefect(tmp_path_factory):
+    """A real Prefect API: yields (api_url, env for Prefect clients)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = repo_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90")
+    env.pop("BLIP_ROOT", None)
+    log = home / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                   "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        _wait("prefect server", lambda: _health(api_url), server, log, timeout=120)
+        yield api_url, {**env, "PREFECT_API_URL": api_url}
+    finally:
+        _stop(server, signal.SIGTERM)
+
+
+def _health(api_url: str) -> bool:
+    try:
+        return _api(api_url, "/health") is True
+    except (OSError, AssertionError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def served(prefect, tmp_path_factory):
+    """A project checkout whose ``python flows/bootstrap.py serve`` has registered bootstrap/full."""
+    api_url, env = prefect
+    repo = make_repo(tmp_path_factory.mktemp("flow") / "repo")
+    log = repo.parent / "serve.log"
+    with open(log, "w") as out:
+        serve = subprocess.Popen([sys.executable, "flows/bootstrap.py", "serve"], cwd=repo,
+                                 env={**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}, stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait("bootstrap/full deployment", lambda: _api(api_url, "/deployments/name/bootstrap/full") is not None,
+              serve, log, timeout=90)
+        yield repo, log
+    finally:
+        _stop(serve, signal.SIGINT)
+
+
+def _run_deployment(env: dict, name: str, parameters: dict, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "bootstrap/full", "--watch",
+                           "--watch-timeout", str(int(timeout)), "--flow-run-name", name,
+                           "--params", json.dumps(parameters)],
+                          env=env, capture_output=True, text=True, timeout=timeout + 60, check=False)
+
+
+def _flow_run(api_url: str, name: str) -> dict:
+    runs = _api(api_url, "/flow_runs/filter", {"flow_runs": {"name": {"any_": [name]}}})
+    assert len(runs) == 1, f"flow runs named {name!r}: {runs}"
+    return runs[0]
+
+
+def _task_runs(api_url: str, flow_run_id: str) -> list[dict]:
+    return _api(api_url, "/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": [flow_run_id]}}})
+
+
+def _parent_runs(repo: Path, flow_run_id: str):
+    from mlflow.tracking import MlflowClient
+
+    if not (repo / "mlflow.db").exists():
+        return None, []
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    return client, client.search_runs(exp_ids, filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+
+
+def test_bad_param_key_fails_before_any_stage(prefect, served):
+    api_url, env = prefect
+    repo, log = served
+    before = (repo / "params.yaml").read_bytes()
+
+    p = _run_deployment(env, "bad-key", {"params": {"capfilt.no_such_key": 1}}, timeout=180)
+
+    assert p.returncode == 1, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}\nserve log:\n{log.read_text()[-6000:]}"
+    fr = _flow_run(api_url, "bad-key")
+    assert fr["state"]["type"] == "FAILED", fr["state"]
+    assert "capfilt.no_such_key" in fr["state"]["message"], fr["state"]["message"]  # the ParamsError's words
+    assert _task_runs(api_url, fr["id"]) == []  # no stage was started
+    assert (repo / "params.yaml").read_bytes() == before
+    assert _parent_runs(repo, fr["id"])[1] == []  # no MLflow parent either
+
+
+def test_full_deployment_runs_the_pipeline(prefect, served):
+    api_url, env = prefect
+    repo, log = served
+    stages = run([sys.executable, "-m", "dvc", "stage", "list", "--name-only"], repo).stdout.split()
+
+    p = _run_deployment(env, "full-beam", {"params": {"capfilt.decoding": "beam"}}, timeout=1200)
+
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}\nserve log:\n{log.read_text()[-6000:]}"
+    fr = _flow_run(api_url, "full-beam")
+    assert fr["state"]["type"] == "COMPLETED"
+
+    # one Completed task run per DVC stage, dependencies first
+    tasks = sorted(_task_runs(api_url, fr["id"]), key=lambda t: t["start_time"])
+    assert sorted(t["name"] for t in tasks) == sorted(stages)
+    assert {t["state"]["name"] for t in tasks} == {"Completed"}
+    assert tasks[0]["name"] == "data" and tasks[-1]["name"] == "report"
+
+    # the override went through params.yaml, so DVC recorded it and nothing is left stale
+    assert yaml.safe_load((repo / "params.yaml").read_text())["capfilt"]["decoding"] == "beam"
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert lock["stages"]["caption"]["params"]["params.yaml"]["capfilt.decoding"] == "beam"
+    assert json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], repo).stdout) == {}
+
+    # one MLflow parent for this flow run, finished by the flow, with the stages' runs under it
+    client, parents = _parent_runs(repo, fr["id"])
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_name"] == "full-beam"
+    assert parent.data.tags["capfilt.decoding"] == "beam"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    child_stages = {c.data.tags.get("blip.stage") for c in children}
+    assert child_stages and child_stages <= set(stages), child_stages
+
+    # artifacts: results table (one row per metric), report.md, link to the MLflow run
+    artifacts = {a["key"]: a for a in _api(api_url, "/artifacts/filter",
+                                           {"artifacts": {"flow_run_id": {"any_": [fr["id"]]}}})}
+    assert FLOW_ARTIFACTS <= set(artifacts)
+    report = json.loads((repo / "metrics" / "report.json").read_text())
+    rows = artifacts["bootstrap-results"]["data"]
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    numeric = {k for section in ("baseline", "capfilt") for k, v in report[section].items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numeric and numeric <= {r["metric"] for r in rows}
+    row = next(r for r in rows if r["metric"] in report["baseline"] and r["metric"] in report["capfilt"])
+    assert row["baseline"] == pytest.approx(report["baseline"][row["metric"]], abs=1e-4)
+    assert artifacts["bootstrap-report"]["data"] == (repo / "report.md").read_text()
+    assert parent.info.run_id in artifacts["mlflow-run"]["data"]
+
+
+def test_prefect_yaml_deploys_to_the_work_pool(prefect, served):
+    """``prefect deploy`` accepts prefect.yaml; the pull step keeps ``{{ $BLIP_ROOT }}`` for the worker."""
+    api_url, env = prefect
+    repo, _ = served
+    env = {k: v for k, v in env.items() if k != "BLIP_ROOT"}
+    run([sys.executable, "-m", "prefect", "work-pool", "create", "blip-gpu", "--type", "process"], repo, **env)
+    # only `smoke`: deploying `full` would repoint the served bootstrap/full at the work pool
+    run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "-n", "smoke"], repo, **env)
+
+    dep = _api(api_url, "/deployments/name/bootstrap/smoke")
+    assert dep["entrypoint"] == "flows/bootstrap.py:bootstrap"
+    assert dep["work_pool_name"] == "blip-gpu"
+    assert dep["parameters"] == {"variant": "smoke"}
+    assert dep["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $BLIP_ROOT }}"}}]
