@@ -82,6 +82,7 @@ def test_import_is_cheap():
 
 
 def test_flat_params_factors_enabled_uri(tmp_path, monkeypatch):
+    monkeypatch.delenv("BLIP_MLFLOW", raising=False)  # conftest turns tracking off for other tests
     flat = tracking.flat_params(PARAMS)
     assert flat["model.text.hidden_size"] == "32"
     assert flat["model.vision"] == "{}"

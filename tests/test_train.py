@@ -159,14 +159,14 @@ def test_two_process_gloo_matches_one_process_with_the_same_global_batch(tmp_pat
     assert torch.allclose(torch.tensor(one["weight"]), torch.tensor(two["weight"]), atol=1e-2)
 
 
-def test_torchrun_cli_trains_with_two_gloo_processes(world, tmp_path):
+def test_cli_relaunches_itself_under_torchrun_with_two_gloo_processes(world, tmp_path):
     root, tok = world
     tok.save(tmp_path / "tok")
     cmd, env = _train_cmd(root, tmp_path / "tok", tmp_path / "ddp", ROOT / "params.yaml",
-                          extra=["--set", "pretrain.device=cpu", "--metrics", str(tmp_path / "m.json")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(30500 + os.getpid() % 1000), "-m", *cmd[2:]]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=tmp_path, timeout=300)
+                          extra=["--set", "pretrain.device=cpu", "--set", "compute.nproc_per_node=2",
+                                 "--metrics", str(tmp_path / "m.json")])
+    p = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert "torch.distributed.run --standalone --nproc_per_node=2 -m blip pretrain" in p.stdout
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["world_size"] == 2 and m["steps"] == 16  # max_steps
     assert m["steps_per_epoch"] == 640 // 16  # each rank 8 pairs per step, equal epoch length
