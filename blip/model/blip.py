@@ -38,12 +38,12 @@ class BlipBase(nn.Module):
 
     def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Normalised ITC image features ``(B, E)`` from the class token."""
-        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+        return F.normalize(self.vision_proj(image_embeds[:, 0]).float(), dim=-1)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Normalised ITC text features ``(B, E)`` from the unimodal encoder's [CLS]."""
         h = self.text_encoder(input_ids, attention_mask, Role.TEXT, first_only=True)
-        return F.normalize(self.text_proj(h[:, 0]), dim=-1)
+        return F.normalize(self.text_proj(h[:, 0]).float(), dim=-1)
 
     def itm_logits(
         self,
@@ -174,9 +174,9 @@ class MomentumITC(BlipBase):
     @torch.no_grad()
     def momentum_features(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         image_embeds_m = self.visual_encoder_m(image)
-        image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
+        image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]).float(), dim=-1)
         h = self.text_encoder_m(input_ids, attention_mask, Role.TEXT, first_only=True)
-        text_feat_m = F.normalize(self.text_proj_m(h[:, 0]), dim=-1)
+        text_feat_m = F.normalize(self.text_proj_m(h[:, 0]).float(), dim=-1)
         return image_feat_m, text_feat_m
 
     @property

@@ -29,17 +29,23 @@ def itc_loss(
     ``alpha * softmax(momentum sims) + (1 - alpha) * sim_targets``.
 
     Returns ``(loss, sim_i2t, sim_t2i)``; the student similarities feed hard-negative mining.
+    Computed in float32 even under bf16 autocast: cosines divided by a temperature of ~0.07 would
+    otherwise carry bf16's ~0.4% rounding into logit errors of ~0.05 against hundreds of negatives.
     """
-    sim_i2t = image_feat @ text_feat_all / temp  # (B, B + Q)
-    sim_t2i = text_feat @ image_feat_all / temp
-    with torch.no_grad():
-        if alpha > 0 and image_feat_m is not None and text_feat_m is not None:
-            t_i2t = alpha * F.softmax(image_feat_m @ text_feat_all / temp, dim=1) + (1 - alpha) * sim_targets
-            t_t2i = alpha * F.softmax(text_feat_m @ image_feat_all / temp, dim=1) + (1 - alpha) * sim_targets
-        else:
-            t_i2t = t_t2i = sim_targets
-    loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * t_i2t).sum(1).mean()
-    loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * t_t2i).sum(1).mean()
+    with torch.autocast(image_feat.device.type, enabled=False):
+        image_feat, text_feat, image_feat_all, text_feat_all = (
+            t.float() for t in (image_feat, text_feat, image_feat_all, text_feat_all))
+        temp = temp.float()
+        sim_i2t = image_feat @ text_feat_all / temp  # (B, B + Q)
+        sim_t2i = text_feat @ image_feat_all / temp
+        with torch.no_grad():
+            if alpha > 0 and image_feat_m is not None and text_feat_m is not None:
+                t_i2t = alpha * F.softmax(image_feat_m.float() @ text_feat_all / temp, dim=1) + (1 - alpha) * sim_targets
+                t_t2i = alpha * F.softmax(text_feat_m.float() @ image_feat_all / temp, dim=1) + (1 - alpha) * sim_targets
+            else:
+                t_i2t = t_t2i = sim_targets
+        loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * t_i2t).sum(1).mean()
+        loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * t_t2i).sum(1).mean()
     return (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i
 
 
