@@ -92,6 +92,18 @@ def test_dvc_repro_runs_the_loop_then_nothing_then_only_what_a_factor_touches(tm
     shown = dvc(repo, "exp", "show", "--no-pager", "--csv").stdout
     assert "capfilt.decoding" in shown and "beam" in shown and "nucleus" in shown
 
+    # Table 4 "shared" + Table 1 "captioner only": one fine-tuned model captions and scores,
+    # nothing is filtered out
+    exp = dvc(repo, "exp", "run", "-S", "capfilt.models=shared", "-S", "capfilt.parts=captioner")
+    ran = ran_stages(exp.stdout)
+    assert {"finetune_shared", "caption", "filter", "assemble"} <= ran
+    assert not ran & {"pretrain", "finetune_captioner", "finetune_filter", "evaluate@baseline"}
+    assert (repo / "models/shared/model.safetensors").is_file()
+    stats = json.loads((repo / "metrics/dataset.json").read_text())
+    assert stats["parts"] == "captioner"
+    assert {k: v["dropped"] for k, v in stats["sources"].items()} == {"human": 0, "web": 0, "synthetic": 0}
+    assert stats["sources"]["synthetic"]["kept"] == 48
+
 
 def _check_mlflow(repo) -> None:
     from mlflow import MlflowClient
