@@ -15,8 +15,6 @@ from typing import Any
 from .params import ParamsError, load_params
 from .schema import (
     TRAIN_SECTIONS,
-    EvaluateParams,
-    ModelParams,
     assemble_config,
     capfilt,
     caption_config,
@@ -29,7 +27,7 @@ from .schema import (
     validate,
 )
 
-__all__ = ["STAGES", "EvaluateParams", "ModelParams", "main", "model_config", "train_config"]
+__all__ = ["STAGES", "main", "model_config"]
 
 TRAIN_STAGES = {  # stage -> params section (which implies the job)
     **{name: name for name in TRAIN_SECTIONS},

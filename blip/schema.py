@@ -138,10 +138,10 @@ def validate(params: dict[str, Any]) -> None:
     for name in params:
         if name not in schema and name not in TRAIN_SECTIONS:
             raise ParamsError(f"unknown section {name!r} in params; allowed sections: {', '.join(known)}")
-    for name, cls in schema.items():
+    for name in schema:
         if name in params:
             _check_derived(params, name)
-            build(cls, section(params, name), name)
+            _build(params, name)
     for name in TRAIN_SECTIONS:
         if name in params:
             train_config(params, name)
@@ -154,16 +154,21 @@ def _check_derived(params: dict[str, Any], name: str) -> None:
             raise ParamsError(f"{key} is set by {factor}; remove {key} and set {factor} instead")
 
 
+def _raw(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """A copy of section ``name``; an absent optional section means all defaults."""
+    return section(params, name) if name in params else {}
+
+
+def _build(params: dict[str, Any], name: str):
+    return build(_schema()[name], _raw(params, name), name)
+
+
 def capfilt(params: dict[str, Any]) -> CapfiltParams:
-    return build(CapfiltParams, section(params, "capfilt") if "capfilt" in params else {}, "capfilt")
+    return _build(params, "capfilt")
 
 
 def model_params(params: dict[str, Any]) -> ModelParams:
-    return build(ModelParams, section(params, "model"), "model")
-
-
-def data_params(params: dict[str, Any]) -> DataParams:
-    return build(DataParams, section(params, "data") if "data" in params else {}, "data")
+    return build(ModelParams, section(params, "model"), "model")  # required: it fixes the architecture
 
 
 def train_config(params: dict[str, Any], sec_name: str):
@@ -182,14 +187,11 @@ def caption_config(params: dict[str, Any]):
     from .capfilt import CaptionConfig
 
     _check_derived(params, "caption")
-    sec = section(params, "caption") if "caption" in params else {}
-    return build(CaptionConfig, {**sec, "method": capfilt(params).decoding}, "caption")
+    return build(CaptionConfig, {**_raw(params, "caption"), "method": capfilt(params).decoding}, "caption")
 
 
 def filter_config(params: dict[str, Any]):
-    from .capfilt import FilterConfig
-
-    return build(FilterConfig, section(params, "filter") if "filter" in params else {}, "filter")
+    return _build(params, "filter")
 
 
 def assemble_config(params: dict[str, Any]):
@@ -197,23 +199,17 @@ def assemble_config(params: dict[str, Any]):
 
     _check_derived(params, "assemble")
     cf = capfilt(params)
-    sec = section(params, "assemble") if "assemble" in params else {}
-    return build(AssembleConfig, {**sec, "use_filter": cf.use_filter, "use_captioner": cf.use_captioner}, "assemble")
+    return build(AssembleConfig, {**_raw(params, "assemble"), "use_filter": cf.use_filter,
+                                  "use_captioner": cf.use_captioner}, "assemble")
 
 
 def evaluate_params(params: dict[str, Any]) -> EvaluateParams:
-    return build(EvaluateParams, section(params, "evaluate") if "evaluate" in params else {}, "evaluate")
+    return _build(params, "evaluate")
 
 
 def generate_config(params: dict[str, Any]):
-    from .data import GenerateConfig
-
-    return build(GenerateConfig, section(params, "generate") if "generate" in params else {}, "generate")
+    return _build(params, "generate")
 
 
 def compute_params(params: dict[str, Any]) -> ComputeParams:
-    return build(ComputeParams, section(params, "compute") if "compute" in params else {}, "compute")
-
-
-def mlflow_params(params: dict[str, Any]) -> MlflowParams:
-    return build(MlflowParams, section(params, "mlflow") if "mlflow" in params else {}, "mlflow")
+    return _build(params, "compute")

@@ -71,9 +71,9 @@ from .fingerprint import config_hash, content_hash, file_fingerprint
 from .reader import OK, SampleStream
 from .selection import DEFAULT_THRESHOLD, PARTS, decide, parts_name, read_scores
 from .shardwork import (
-    EXECUTORS,
     ShardResult,
     ShardTask,
+    check_fan_out,
     read_record,
     result_name,
     run_shards,
@@ -117,8 +117,7 @@ class AssembleConfig:
             raise ValueError(f"threshold={self.threshold}: a probability, in [0, 1]")
         if not 1 <= self.max_shard_samples <= MAX_SHARD_SIZE:
             raise ValueError(f"max_shard_samples={self.max_shard_samples}: must be in 1..{MAX_SHARD_SIZE}")
-        if self.workers < 1 or self.executor not in EXECUTORS:
-            raise ValueError(f"workers must be >= 1 and executor one of {EXECUTORS}")
+        check_fan_out(self.workers, self.executor)
 
     @property
     def parts(self) -> str:

@@ -34,9 +34,9 @@ from .fingerprint import config_hash, file_fingerprint
 from .models import InferenceModel, model_fingerprint
 from .reader import OK, ShardReader
 from .shardwork import (
-    EXECUTORS,
     ShardResult,
     ShardTask,
+    check_fan_out,
     result_name,
     run_shards,
     shard_tasks,
@@ -76,10 +76,9 @@ class CaptionConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: use one of {METHODS}")
-        if self.batch_size < 1 or self.workers < 1:
-            raise ValueError("batch_size and workers must be >= 1")
-        if self.executor not in EXECUTORS:
-            raise ValueError(f"executor={self.executor!r}: use one of {EXECUTORS}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+        check_fan_out(self.workers, self.executor)
         self.generation()  # validates top_p, num_beams
 
     def generation(self) -> GenerationConfig:

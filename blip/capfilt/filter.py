@@ -42,9 +42,9 @@ from .fingerprint import config_hash, content_hash, file_fingerprint
 from .models import InferenceModel, model_fingerprint
 from .reader import ShardReader
 from .shardwork import (
-    EXECUTORS,
     ShardResult,
     ShardTask,
+    check_fan_out,
     result_name,
     run_shards,
     shard_tasks,
@@ -77,10 +77,9 @@ class FilterConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_length < 3 or self.batch_size < 1 or self.workers < 1:
-            raise ValueError("max_length must be >= 3, batch_size and workers >= 1")
-        if self.executor not in EXECUTORS:
-            raise ValueError(f"executor={self.executor!r}: use one of {EXECUTORS}")
+        if self.max_length < 3 or self.batch_size < 1:
+            raise ValueError(f"max_length={self.max_length} must be >= 3 and batch_size={self.batch_size} >= 1")
+        check_fan_out(self.workers, self.executor)
 
 
 def read_captions(path: str) -> tuple[list[str], list[str | None]]:

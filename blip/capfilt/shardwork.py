@@ -60,6 +60,14 @@ EXECUTORS = ("thread", "process")
 OK = "ok"  # the status of a usable sample; anything else names why it was not used
 
 
+def check_fan_out(workers: int, executor: str) -> None:
+    """The fan-out settings every shard stage shares: shards in flight and how they run."""
+    if workers < 1:
+        raise ValueError(f"workers={workers}: must be >= 1")
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r}: use one of {EXECUTORS}")
+
+
 @dataclass(frozen=True)
 class ShardTask:
     """One unit of work. ``inputs``: fingerprints (str -> str) of everything besides the config
@@ -253,8 +261,7 @@ def run_shards(
     once per process; it must be picklable for ``executor="process"`` (a ``functools.partial``
     of a module-level class). It is not called when every shard is already valid.
     """
-    if executor not in EXECUTORS:
-        raise ValueError(f"executor={executor!r}: use one of {EXECUTORS}")
+    check_fan_out(workers, executor)
     t0 = time.perf_counter()
     out = str(out_dir)
     os.makedirs(out, exist_ok=True)

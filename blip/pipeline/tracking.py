@@ -319,9 +319,6 @@ class StageTracker:
             raise FileNotFoundError(f"cannot log artifact {path}: no such file or directory")
 
     # extras
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        _set_tags(self.client, self.run_id, tags)
-
     def log_model_dir(self, path: str | Path, name: str, hf: bool = False) -> None:
         """Log a checkpoint dir (``config.json`` + ``model.safetensors`` + ``tokenizer/``) under ``name/``;
         with ``hf`` also its transformers ``BlipForConditionalGeneration`` export under ``name-hf/``."""
@@ -379,9 +376,6 @@ class NullStageTracker:
 
     def stage_durations(self) -> dict[str, float]:
         return {}
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        pass
 
     def log_model_dir(self, path: str | Path, name: str, hf: bool = False) -> None:
         pass
