@@ -31,8 +31,10 @@ def train_throughput(data_root: str, batch_size: int, steps: int = 20, warmup: i
     """
     import torch
 
-    from blip.data import caption_corpus, make_loader
-    from blip.model import BlipPretrain, load_preset
+    from blip.data.corpus import caption_corpus
+    from blip.data.loader import make_loader
+    from blip.model.blip import BlipPretrain
+    from blip.model.config import load_preset
     from blip.tokenizer import build_tokenizer
 
     torch.manual_seed(0)

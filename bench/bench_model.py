@@ -22,7 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from blip.convert import to_hf_captioner, to_hf_retrieval  # noqa: E402
-from blip.model import BlipCaptioner, BlipRetrieval, GenerationConfig, itm_scores, load_preset  # noqa: E402
+from blip.model.blip import BlipCaptioner, BlipRetrieval  # noqa: E402
+from blip.model.config import load_preset  # noqa: E402
+from blip.model.config import GenerationConfig  # noqa: E402
+from blip.model.scoring import itm_scores  # noqa: E402
 
 BATCH = {"tiny": 32, "small": 16, "base": 16, "large": 8}
 

@@ -10,13 +10,16 @@ import time
 from pathlib import Path
 
 from .checkpoint import load_model
-from .model import GenerationConfig, load_preset
+from .model.config import GenerationConfig, load_preset
 from .tokenizer import build_tokenizer
-from .train import TrainConfig, train
+from .train.config import TrainConfig
+from .train.trainer import train
 
 
 def run_demo(out: str = "out/demo", steps: int = 300, batch_size: int = 32, seed: int = 0, show: int = 6) -> dict:
-    from .data import GenerateConfig, caption_corpus, generate, make_loader
+    from .data.corpus import caption_corpus
+    from .data.generator import GenerateConfig, generate
+    from .data.loader import make_loader
 
     out_dir = Path(out)
     data = out_dir / "data"

@@ -4,7 +4,7 @@ DVC owns what is up to date (``dvc.yaml`` + ``dvc.lock``); Prefect owns when, wh
 Each stage task runs ``dvc repro --single-item <stage>`` in the workspace, so a task whose inputs
 did not change is a cheap no-op and ``dvc.lock`` always records what ran. Deployment parameters
 never bypass DVC: ``params``/``variant`` are written into ``params.yaml`` first (through
-``blip.pipeline.paramsfile``), so they become DVC params like any hand edit.
+``blip.params``), so they become DVC params like any hand edit.
 
 One flow run = one MLflow parent run (``blip.pipeline.tracking``): the flow creates it, tags it
 with the Prefect flow run, hands its id to the stage processes in ``BLIP_MLFLOW_PARENT_RUN_ID``
@@ -45,12 +45,18 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from blip.pipeline import paramsfile, tracking
+from blip import params as params_module
+from blip.evaluate.report import flatten
+from blip.pipeline import tracking
 
 REPO = Path(__file__).resolve().parents[1]
 TAIL_LINES = 30  # output lines quoted in the error of a failed stage
@@ -157,19 +163,9 @@ def _number(value: Any) -> float | int | None:
     return value if isinstance(value, int) else round(value, 4)
 
 
-def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in metrics.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def results_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per numeric metric of ``report.json``: baseline, capfilt and their difference."""
-    base, capfilt = _flatten(report.get("baseline") or {}), _flatten(report.get("capfilt") or {})
+    base, capfilt = flatten(report.get("baseline") or {}), flatten(report.get("capfilt") or {})
     rows = []
     for metric in dict.fromkeys([*base, *capfilt]):
         b, c = _number(base.get(metric)), _number(capfilt.get(metric))
@@ -217,12 +213,12 @@ def bootstrap(
     ws = workspace(root)
     params_path = ws / "params.yaml"
     if variant:
-        paramsfile.apply_variant(params_path, variant)
+        params_module.apply_variant(params_path, variant)
         print(f"applied variant {variant!r} to {params_path}")
     if params:
-        paramsfile.set_params(params_path, params)  # ParamsError (naming the key) before any stage
+        params_module.edit(params_path, params)  # ParamsError (naming the key) before any stage
         print(f"set {params} in {params_path}")
-    p = paramsfile.load(ws)
+    p = params_module.load(params_path)
     order = stage_order(ws, stages)
     print(f"stages: {', '.join(order)}")
 
@@ -247,18 +243,6 @@ def bootstrap(
     return summary
 
 
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set {item!r}: use KEY=VALUE, e.g. --set capfilt.decoding=beam")
-        out[key] = yaml.safe_load(value)  # "beam" -> str, "3" -> int, "true" -> bool
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="flows/bootstrap.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -273,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "serve":
         bootstrap.serve(name="full", limit=1)  # one run at a time: one DVC lock per workspace
     else:
-        summary = bootstrap(params=_parse_set(args.set) or None, variant=args.variant, stages=args.stages,
+        summary = bootstrap(params=params_module.parse_overrides(args.set) or None, variant=args.variant, stages=args.stages,
                             force=args.force, root=args.root)
         print(json.dumps(summary, indent=2))
 

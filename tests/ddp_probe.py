@@ -10,7 +10,7 @@ import sys
 import torch
 
 from blip import dist
-from blip.model import BlipPretrain
+from blip.model.blip import BlipPretrain
 from blip.train.optim import param_groups
 from helpers_model import micro_config, text_inputs
 

@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from blip.checkpoint import save_model
-from blip.data import GenerateConfig, caption_corpus, generate
+from blip.data.generator import GenerateConfig, generate
+from blip.data.corpus import caption_corpus
 from blip.data.shards import write_shard
 from blip.data.tario import RawSample, iter_shard_samples
-from blip.model import BlipCaptioner, BlipRetrieval, load_preset
+from blip.model.blip import BlipCaptioner, BlipRetrieval
+from blip.model.config import load_preset
 from blip.tokenizer import build_tokenizer
 
 WEB, HUMAN, SHARD = 60, 20, 20
@@ -44,7 +46,9 @@ def tiny_models(tok, seed: int):
 
 @pytest.fixture(scope="session", name="world")
 def world_fixture(tmp_path_factory) -> World:
-    from blip.capfilt import CaptionConfig, FilterConfig, caption_shards, score_shards
+    from blip.capfilt.config import CaptionConfig, FilterConfig
+    from blip.capfilt.caption import caption_shards
+    from blip.capfilt.filter import score_shards
 
     root = tmp_path_factory.mktemp("capfilt")
     generate(GenerateConfig(seed=0, web=WEB, human=HUMAN, val=0, test=0, zeroshot=0, shard_size=SHARD),
@@ -99,7 +103,9 @@ def temporaries(folder: Path) -> list[str]:
 @pytest.fixture(scope="session", name="damaged_results")
 def damaged_results_fixture(world, damaged) -> tuple[Path, Path, dict, dict]:
     """(captions dir, scores dir, caption summary, filter summary) of the damaged web copy."""
-    from blip.capfilt import CaptionConfig, FilterConfig, caption_shards, score_shards
+    from blip.capfilt.config import CaptionConfig, FilterConfig
+    from blip.capfilt.caption import caption_shards
+    from blip.capfilt.filter import score_shards
 
     caps, scores = damaged.parent / "captions", damaged.parent / "scores"
     cs = caption_shards(CaptionConfig(**QUIET), world.captioner, damaged, caps)

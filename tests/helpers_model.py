@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from blip.model import BlipConfig, TextConfig, VisionConfig
+from blip.model.config import BlipConfig, TextConfig, VisionConfig
 
 
 def micro_config(**overrides) -> BlipConfig:

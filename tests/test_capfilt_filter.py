@@ -16,10 +16,12 @@ from fixtures_capfilt import (  # noqa: F401
     world_fixture,
 )
 
-from blip.capfilt import FilterConfig, decide, score_shards, select
+from blip.capfilt.config import FilterConfig
+from blip.capfilt.selection import decide, select
+from blip.capfilt.filter import score_shards
 from blip.checkpoint import load_model
-from blip.data import make_loader
-from blip.model import image_embeddings, itm_scores, text_embeddings
+from blip.data.loader import make_loader
+from blip.model.scoring import image_embeddings, itm_scores, text_embeddings
 
 NAMES = ["00000.parquet", "00001.parquet", "00002.parquet"]
 COLUMNS = ["key", "web_text", "syn_text", "itm_web", "itm_syn", "itm_logit_web", "itm_logit_syn", "itc_web", "itc_syn",

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from blip.cli import main
-from blip.params import ParamsError, apply_override, load_params
-from blip.schema import train_config
-from blip.train import TrainConfig
+from blip import params as params_module
+from blip.params import TRAIN_SECTIONS, ParamsError, apply_overrides, parse_overrides
+from blip.train.config import TrainConfig
 
-STAGES = ["data", "tokenizer", "pretrain", "finetune_captioner", "finetune_filter", "finetune_retrieval",
+STAGES = ["data", "tokenizer", "pretrain", "finetune_captioner", "finetune_filter",
           "finetune_shared", "repretrain", "downstream_captioner", "downstream_retrieval", "caption", "filter",
           "assemble", "evaluate", "filter_quality", "report", "params"]
 
@@ -44,18 +44,14 @@ def test_bad_params_fail_before_any_work_naming_the_key(override, message, capsy
 
 
 def test_repository_params_files_are_valid(tmp_path):
-    from blip.pipeline import paramsfile
-    from blip.schema import TRAIN_SECTIONS, validate
-
-    params = load_params("params.yaml")
-    validate(params)
+    params = params_module.load("params.yaml")
     for sec in TRAIN_SECTIONS:
-        assert isinstance(train_config(params, sec), TrainConfig)
+        assert isinstance(params.train(sec), TrainConfig) and params.train(sec).job == sec
     # the smoke variant overlays cleanly and keeps the file's comments
     (tmp_path / "params.yaml").write_text(Path("params.yaml").read_text())
     (tmp_path / "params-smoke.yaml").write_text(Path("params-smoke.yaml").read_text())
-    smoke = paramsfile.apply_variant(tmp_path / "params.yaml", "smoke")
-    assert smoke["pretrain"]["max_steps"] == 6 and smoke["pretrain"]["lr"] == params["pretrain"]["lr"]
+    smoke = params_module.apply_variant(tmp_path / "params.yaml", "smoke")
+    assert smoke.pretrain.max_steps == 6 and smoke.pretrain.lr == params.pretrain.lr
     assert "# Table 1: none | filter | captioner | both" in (tmp_path / "params.yaml").read_text()
 
 
@@ -69,35 +65,37 @@ def test_repository_params_files_are_valid(tmp_path):
         ("evaluate.k_test", "many", "evaluate.k_test='many': expected int"),
         ("nonsense.key", 1, "unknown section 'nonsense'"),
         ("compute.nproc_per_node", 0, "nproc_per_node=0: an integer >= 1 or 'auto'"),
+        ("pretrain.job", "finetune_filter", "pretrain.job is set by the section's name"),
+        ("finetune_retrieval.epochs", 2, "unknown section 'finetune_retrieval'"),
     ],
 )
 def test_params_file_edits_are_validated_before_writing(tmp_path, key, value, message):
-    from blip.pipeline import paramsfile
-
     path = tmp_path / "params.yaml"
     path.write_text(Path("params.yaml").read_text())
     before = path.read_text()
     with pytest.raises(ParamsError, match=re.escape(message)):
-        paramsfile.set_params(path, {key: value})
+        params_module.edit(path, {key: value})
     assert path.read_text() == before
     with pytest.raises(ParamsError, match="variant 'nope'"):
-        paramsfile.apply_variant(path, "nope")
+        params_module.apply_variant(path, "nope")
 
 
 def test_derived_stage_configs_follow_the_capfilt_factors():
-    from blip.schema import assemble_config, caption_config
-
-    params = load_params("params.yaml", ["capfilt.parts=filter", "capfilt.decoding=beam"])
-    assert caption_config(params).method == "beam"
-    a = assemble_config(params)
+    params = params_module.load("params.yaml", ["capfilt.parts=filter", "capfilt.decoding=beam"])
+    assert params.caption.method == "beam"
+    a = params.assemble
     assert (a.use_filter, a.use_captioner, a.parts) == (True, False, "filter")
+    assert params.factors() == {"capfilt.parts": "filter", "capfilt.decoding": "beam", "capfilt.models": "decoupled",
+                                "model.sharing": "all_except_sa"}
+    assert params.raw["capfilt"]["parts"] == "filter"  # what MLflow records: the file plus the overrides
 
 
 def test_overrides_parse_yaml_values():
     p = {"a": {"b": 1}}
-    apply_override(p, "a.b=2.5")
-    apply_override(p, "a.c={depth: 2}")
-    apply_override(p, "a.d=[x, y]")
-    assert p == {"a": {"b": 2.5, "c": {"depth": 2}, "d": ["x", "y"]}}
-    with pytest.raises(ParamsError, match="section.key=value"):
-        apply_override(p, "nonsense")
+    apply_overrides(p, parse_overrides(["a.b=2.5", "a.c={depth: 2}", "a.d=[x, y]", "e.f=true"]))
+    assert p == {"a": {"b": 2.5, "c": {"depth": 2}, "d": ["x", "y"]}, "e": {"f": True}}
+    apply_overrides(p, {"a": {"c": {"width": 3}}})  # a nested dict merges into the section
+    assert p["a"]["c"] == {"depth": 2, "width": 3}
+    for bad in ("nonsense", "novalue", "=3"):
+        with pytest.raises(ParamsError, match="section.key=value"):
+            parse_overrides([bad])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blip.evaluate import flatten, metrics_table
+from blip.evaluate.report import flatten, metrics_table
 
 
 def test_table_side_by_side_with_delta_and_notes():

@@ -8,9 +8,11 @@ import pytest
 import torch
 from fixtures_data import small_world_fixture  # noqa: F401
 
-from blip.data import caption_corpus, make_loader
-from blip.evaluate import evaluate_retrieval, itm_eval, retrieval_scores
-from blip.model import BlipPretrain, BlipRetrieval, load_preset
+from blip.data.corpus import caption_corpus
+from blip.data.loader import make_loader
+from blip.evaluate.retrieval import evaluate_retrieval, itm_eval, retrieval_scores
+from blip.model.blip import BlipPretrain, BlipRetrieval
+from blip.model.config import load_preset
 from blip.tokenizer import build_tokenizer
 
 KEYS = ["txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean"]

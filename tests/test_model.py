@@ -9,10 +9,11 @@ import torch
 
 from blip.checkpoint import load_model, save_model
 from blip.convert import from_official, load_official_file
-from blip.model import (
-    SHARING_STRATEGIES, BlipCaptioner, BlipPretrain, BlipRetrieval, GenerationConfig, Role, itm_scores,
-    load_preset,
-)
+from blip.model.config import SHARING_STRATEGIES, load_preset
+from blip.model.blip import BlipCaptioner, BlipPretrain, BlipRetrieval
+from blip.model.config import GenerationConfig
+from blip.model.med import Role
+from blip.model.scoring import itm_scores
 from blip.model import losses
 from blip.model.config import BlipConfig
 from helpers_model import micro_config, perturb_, text_inputs

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from blip.params import Params, from_dict
+from blip.track import DatasetRef
 from blip.pipeline import tracking
 
 PARAMS = {
@@ -26,13 +28,13 @@ FACTORS = {"capfilt.parts": "both", "capfilt.decoding": "nucleus", "capfilt.mode
            "model.sharing": "all_except_sa"}
 
 
-def params_for(experiment: str, **factors) -> dict:
+def params_for(experiment: str, enabled: bool = True, **factors) -> Params:
     p = copy.deepcopy(PARAMS)
-    p["mlflow"]["experiment"] = experiment
+    p["mlflow"] = {"enabled": enabled, "experiment": experiment}
     for key, value in factors.items():
         section, name = key.split("__")
         p[section][name] = value
-    return p
+    return from_dict(p)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,8 @@ def checkpoint(tmp_path_factory):
     import torch
 
     from blip.checkpoint import save_model
-    from blip.model import BlipCaptioner, load_preset
+    from blip.model.blip import BlipCaptioner
+    from blip.model.config import load_preset
     from blip.tokenizer import build_tokenizer
 
     tok = build_tokenizer(["a red square left of a blue circle", "a small green triangle"] * 5, vocab_size=80)
@@ -91,13 +94,13 @@ def test_flat_params_factors_enabled_uri(tmp_path, monkeypatch):
     assert set(tracking.flat_params(PARAMS, ["pretrain", "nope"])) == {
         "pretrain.epochs", "pretrain.lr", "pretrain.schedule"}
     assert len(tracking.flat_params({"a": {"b": "x" * 9000}})["a.b"]) == 6000
-    assert tracking.factor_tags(PARAMS) == FACTORS
+    assert from_dict(PARAMS).factors() == FACTORS
 
-    assert tracking.enabled(PARAMS)
-    assert not tracking.enabled({"mlflow": {"enabled": False}})
-    assert not tracking.enabled({})
+    assert tracking.enabled(from_dict(PARAMS))
+    assert not tracking.enabled(from_dict({"mlflow": {"enabled": False}}))
+    assert tracking.enabled(from_dict({}))  # the schema's default, the same everywhere
     monkeypatch.setenv("BLIP_MLFLOW", "0")
-    assert not tracking.enabled(PARAMS)
+    assert not tracking.enabled(from_dict(PARAMS))
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
@@ -124,7 +127,7 @@ def bootstrap(store, checkpoint, tmp_path_factory):
         t.log_artifact(root / "stats.json")
         t.log_artifact(root / "stats.json", "reports")
         t.log_artifact(extra)
-        t.log_model_dir(checkpoint, "model", hf=True)
+        t.log_model(checkpoint, "model", hf=True)
         pretrain = t.run_id
         parent = t.parent_run_id
     after_pretrain = store.get_run(parent).info.status
@@ -259,10 +262,8 @@ def test_conflicting_param_warns(store, tmp_path, caplog):
 
 @pytest.mark.parametrize("how", ["params", "env", "rank"])
 def test_disabled_writes_nothing(store, tmp_path, monkeypatch, checkpoint, how):
-    params = params_for(f"t-off-{how}")
-    if how == "params":
-        params["mlflow"]["enabled"] = False
-    elif how == "env":
+    params = params_for(f"t-off-{how}", enabled=how != "params")
+    if how == "env":
         monkeypatch.setenv("BLIP_MLFLOW", "0")
     else:
         monkeypatch.setenv("RANK", "1")
@@ -271,9 +272,10 @@ def test_disabled_writes_nothing(store, tmp_path, monkeypatch, checkpoint, how):
         t.log_params({"a": 1})
         t.log_metrics({"m": 1.0}, step=3)
         t.log_artifact(checkpoint / "config.json")
-        t.log_model_dir(checkpoint, "model", hf=True)
+        t.log_model(checkpoint, "model", role="captioner", hf=True, register="blip-captioner")
+        t.log_datasets([DatasetRef("web", str(tmp_path), "input")])
         t.set_parent_tags({"k": "v"})
         t.log_parent_metrics({"m": 1.0})
-    assert t.run_id is None and not t.enabled
+    assert not t.enabled and t.stage_durations() == {}
     assert list(tmp_path.iterdir()) == []
     assert store.get_experiment_by_name(f"t-off-{how}") is None

@@ -15,11 +15,15 @@ import torch
 from safetensors.torch import load_file
 
 from blip.checkpoint import load_model
-from blip.data import GenerateConfig, caption_corpus, generate
-from blip.model import BlipPretrain, load_preset
+from blip.data.generator import GenerateConfig, generate
+from blip.data.corpus import caption_corpus
+from blip.model.blip import BlipPretrain
+from blip.model.config import load_preset
 from blip.tokenizer import build_tokenizer
 from blip.track import MemoryTracker
-from blip.train import TrainConfig, lr_at, param_groups, train
+from blip.train.config import TrainConfig
+from blip.train.optim import lr_at, param_groups
+from blip.train.trainer import train
 from helpers_model import micro_config
 
 ROOT = Path(__file__).resolve().parents[1]

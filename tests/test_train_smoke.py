@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from blip.model import BlipPretrain, load_preset
+from blip.model.blip import BlipPretrain
+from blip.model.config import load_preset
 from blip.tokenizer import build_tokenizer
 from helpers_model import toy_pairs
 

@@ -51,7 +51,7 @@ import logging
 import math
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 
 import pyarrow as pa
@@ -59,7 +59,6 @@ import pyarrow.parquet as pq
 
 from ..data.decode import IMAGE_EXTS
 from ..data.shards import (
-    MAX_SHARD_SIZE,
     count_shards,
     dumps,
     resolve_shards,
@@ -67,13 +66,13 @@ from ..data.shards import (
     write_sizes,
 )
 from ..data.tario import RawSample, ShardEnd, iter_shard_samples
+from .config import AssembleConfig
 from .fingerprint import config_hash, content_hash, file_fingerprint
 from .reader import OK, SampleStream
-from .selection import DEFAULT_THRESHOLD, PARTS, decide, parts_name, read_scores
+from .selection import decide, read_scores
 from .shardwork import (
     ShardResult,
     ShardTask,
-    check_fan_out,
     read_record,
     result_name,
     run_shards,
@@ -96,40 +95,6 @@ MANIFEST_SCHEMA = pa.schema([
     ("web_pass", pa.bool_()), ("syn_pass", pa.bool_()),
     ("texts", pa.int32()), ("out_keys", pa.list_(pa.string())),
 ])
-
-
-@dataclass
-class AssembleConfig:
-    """The ``assemble`` section of ``params.yaml``: the CapFilt parts (Table 1) and the threshold.
-    ``use_filter``: drop texts with ITM p(match) < ``threshold``; ``use_captioner``: add the
-    synthetic captions. ``max_shard_samples``: samples per output tar (<= 10000, 4-digit index)."""
-
-    threshold: float = DEFAULT_THRESHOLD
-    use_filter: bool = True
-    use_captioner: bool = True
-    max_shard_samples: int = MAX_SHARD_SIZE
-    workers: int = 1
-    executor: str = "thread"
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold={self.threshold}: a probability, in [0, 1]")
-        if not 1 <= self.max_shard_samples <= MAX_SHARD_SIZE:
-            raise ValueError(f"max_shard_samples={self.max_shard_samples}: must be in 1..{MAX_SHARD_SIZE}")
-        check_fan_out(self.workers, self.executor)
-
-    @property
-    def parts(self) -> str:
-        """Table 1's name for this setting: none | filter | captioner | both."""
-        return parts_name(self.use_filter, self.use_captioner)
-
-    @classmethod
-    def for_parts(cls, parts: str, **kw) -> AssembleConfig:
-        if parts not in PARTS:
-            raise ValueError(f"parts={parts!r}: use one of {list(PARTS)}")
-        use_filter, use_captioner = PARTS[parts]
-        return cls(use_filter=use_filter, use_captioner=use_captioner, **kw)
 
 
 def _shard_label(url: str) -> str:

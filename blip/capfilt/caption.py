@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 
 import pyarrow as pa
@@ -29,14 +29,13 @@ import torch
 
 from ..data.shards import resolve_shards
 from ..data.text import PRETRAIN_MAX_WORDS, pre_caption
-from ..model import GenerationConfig
+from .config import CaptionConfig
 from .fingerprint import config_hash, file_fingerprint
 from .models import InferenceModel, model_fingerprint
 from .reader import OK, ShardReader
 from .shardwork import (
     ShardResult,
     ShardTask,
-    check_fan_out,
     result_name,
     run_shards,
     shard_tasks,
@@ -44,55 +43,9 @@ from .shardwork import (
 
 STAGE = "caption"
 VERSION = 1  # bump when the table's meaning changes, so old results are recomputed
-METHODS = ("nucleus", "beam")
 EMPTY_CAPTION = "empty_caption"
 
 SCHEMA = pa.schema([("key", pa.string()), ("caption", pa.string()), ("status", pa.string())])
-
-
-@dataclass
-class CaptionConfig:
-    """The ``caption`` section of ``params.yaml``.
-
-    ``method``: ``nucleus`` (CapFilt, top_p 0.9 and BLIP's repetition penalty 1.1) or ``beam``
-    (``num_beams`` 3, no repetition penalty, as BLIP's ``generate``). ``max_length``/``min_length``
-    count the prompt's tokens, as BLIP's configs (20/5). ``seed``: nucleus sampling only.
-    How it runs (not part of the result's identity): ``batch_size``, ``device`` (auto | cpu |
-    cuda | cuda:N), ``workers`` (shards in flight), ``executor`` (thread | process), ``progress``.
-    """
-
-    method: str = "nucleus"
-    top_p: float = 0.9
-    num_beams: int = 3
-    max_length: int = 20
-    min_length: int = 5
-    seed: int = 0
-    batch_size: int = 32
-    device: str = "auto"
-    workers: int = 1
-    executor: str = "thread"
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r}: use one of {METHODS}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
-        check_fan_out(self.workers, self.executor)
-        self.generation()  # validates top_p, num_beams
-
-    def generation(self) -> GenerationConfig:
-        if self.method == "nucleus":
-            return GenerationConfig.nucleus(max_length=self.max_length, min_length=self.min_length, top_p=self.top_p)
-        return GenerationConfig(method="beam", num_beams=self.num_beams, max_length=self.max_length,
-                                min_length=self.min_length)
-
-    def identity(self) -> dict:
-        """The fields that decide the captions."""
-        d = {"generation": asdict(self.generation())}
-        if self.method == "nucleus":
-            d["seed"] = self.seed
-        return d
 
 
 def image_seed(seed: int, shard: str, key: str) -> int:

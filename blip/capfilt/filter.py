@@ -28,7 +28,7 @@ Output: ``out_dir/<shard>.parquet`` per web shard, one row per input sample, in 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 
 import pyarrow as pa
@@ -36,15 +36,15 @@ import pyarrow.parquet as pq
 import torch
 
 from ..data.shards import resolve_shards
-from ..model import image_embeddings, itm_scores, text_embeddings
+from ..model.scoring import image_embeddings, itm_scores, text_embeddings
 from .caption import OK as CAPTION_OK
+from .config import TEXT_MAX_LENGTH, FilterConfig
 from .fingerprint import config_hash, content_hash, file_fingerprint
 from .models import InferenceModel, model_fingerprint
 from .reader import ShardReader
 from .shardwork import (
     ShardResult,
     ShardTask,
-    check_fan_out,
     result_name,
     run_shards,
     shard_tasks,
@@ -52,7 +52,6 @@ from .shardwork import (
 
 STAGE = "filter"
 VERSION = 1
-TEXT_MAX_LENGTH = 35  # BLIP's retrieval setting (blip-facts §1.8)
 
 SCORE_COLUMNS = ("itm_web", "itm_syn", "itm_logit_web", "itm_logit_syn", "itc_web", "itc_syn")
 SCHEMA = pa.schema(
@@ -60,26 +59,6 @@ SCHEMA = pa.schema(
     + [(c, pa.float32()) for c in SCORE_COLUMNS]
     + [("status", pa.string())]
 )
-
-
-@dataclass
-class FilterConfig:
-    """The ``filter`` section of ``params.yaml``. ``max_length``: text tokens (35, retrieval).
-    How it runs (not part of the result's identity): ``batch_size`` (images per ViT pass; twice
-    as many texts per ITM pass), ``device``, ``workers``, ``executor``, ``progress``.
-    The keep/drop threshold is not here: it belongs to ``assemble`` (``selection.select``)."""
-
-    max_length: int = TEXT_MAX_LENGTH
-    batch_size: int = 64
-    device: str = "auto"
-    workers: int = 1
-    executor: str = "thread"
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_length < 3 or self.batch_size < 1:
-            raise ValueError(f"max_length={self.max_length} must be >= 3 and batch_size={self.batch_size} >= 1")
-        check_fan_out(self.workers, self.executor)
 
 
 def read_captions(path: str) -> tuple[list[str], list[str | None]]:

@@ -16,7 +16,7 @@ import torch
 
 from ..checkpoint import load_model, read_config
 from ..dist import resolve_device
-from ..model import BlipBase
+from ..model.blip import BlipBase
 from ..tokenizer import BlipTokenizer
 from .fingerprint import dir_fingerprint
 

@@ -22,25 +22,14 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .config import DEFAULT_THRESHOLD
 from .shardwork import read_record
-
-PARTS = {  # Table 1 names -> (use_filter, use_captioner)
-    "none": (False, False),
-    "filter": (True, False),
-    "captioner": (False, True),
-    "both": (True, True),
-}
-DEFAULT_THRESHOLD = 0.5
 
 DECISION_SCHEMA = pa.schema([
     ("key", pa.string()), ("status", pa.string()),
     ("web_pass", pa.bool_()), ("syn_pass", pa.bool_()),  # p >= threshold (null: no score)
     ("keep_web", pa.bool_()), ("keep_syn", pa.bool_()),
 ])
-
-
-def parts_name(use_filter: bool, use_captioner: bool) -> str:
-    return {v: k for k, v in PARTS.items()}[(bool(use_filter), bool(use_captioner))]
 
 
 def has_synthetic(path: str, table: pa.Table) -> bool:

@@ -53,19 +53,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .config import check_fan_out
+
 _log = logging.getLogger("blip.capfilt")
 
 RECORD_KEY = b"blip.capfilt"
-EXECUTORS = ("thread", "process")
 OK = "ok"  # the status of a usable sample; anything else names why it was not used
-
-
-def check_fan_out(workers: int, executor: str) -> None:
-    """The fan-out settings every shard stage shares: shards in flight and how they run."""
-    if workers < 1:
-        raise ValueError(f"workers={workers}: must be >= 1")
-    if executor not in EXECUTORS:
-        raise ValueError(f"executor={executor!r}: use one of {EXECUTORS}")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ import json
 import os
 import sys
 
-from . import DEFAULT_ROOT
+from .generator import SPLITS, GenerateConfig
+from .layout import DEFAULT_ROOT
+from .world import WorldConfig
 
 
 def _summary(manifest: dict) -> str:
@@ -102,18 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="write the generated world (all splits) as shards + COCO GT")
     g.add_argument("--out", default=DEFAULT_ROOT, help="output root (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0)
-    for split, n in (("web", 5000), ("human", 1000), ("val", 250), ("test", 250), ("zeroshot", 250)):
-        g.add_argument(f"--{split}", type=int, default=n, help=f"images in {split} (default: %(default)s)")
+    gd, wd = GenerateConfig(), WorldConfig()  # the defaults live in the dataclasses, once
+    g.add_argument("--seed", type=int, default=gd.seed)
+    for split in SPLITS:
+        g.add_argument(f"--{split}", type=int, default=gd.size(split), help=f"images in {split} (default: %(default)s)")
     g.add_argument("--splits", default="", help="comma-separated subset of splits to write (default: all)")
-    g.add_argument("--captions-per-image", type=int, default=5, help="for human/val/test/zeroshot (default: %(default)s)")
-    g.add_argument("--noise-rate", type=float, default=0.4, help="fraction of corrupted web captions (default: %(default)s)")
+    g.add_argument("--captions-per-image", type=int, default=gd.captions_per_image, help="for human/val/test/zeroshot (default: %(default)s)")
+    g.add_argument("--noise-rate", type=float, default=gd.noise_rate, help="fraction of corrupted web captions (default: %(default)s)")
     g.add_argument("--noise-mix", default="", help='JSON weights per kind, e.g. \'{"spam": 1, "unrelated": 3}\'')
-    g.add_argument("--image-size", type=int, default=64, help="pixels (default: %(default)s)")
-    g.add_argument("--n-shapes", type=int, default=8, help="shapes in play, 1..8 (vocabulary size)")
-    g.add_argument("--n-colours", type=int, default=10, help="colours in play, 2..12 (vocabulary size)")
-    g.add_argument("--shard-size", type=int, default=250, help="samples per shard (default: %(default)s)")
-    g.add_argument("--jpeg-quality", type=int, default=90)
+    g.add_argument("--image-size", type=int, default=wd.image_size, help="pixels (default: %(default)s)")
+    g.add_argument("--n-shapes", type=int, default=wd.n_shapes, help="shapes in play, 1..8 (default: %(default)s)")
+    g.add_argument("--n-colours", type=int, default=wd.n_colours, help="colours in play, 2..12 (default: %(default)s)")
+    g.add_argument("--shard-size", type=int, default=gd.shard_size, help="samples per shard (default: %(default)s)")
+    g.add_argument("--jpeg-quality", type=int, default=gd.jpeg_quality)
     g.add_argument("--processes", type=int, default=None, help="worker processes (default: all cores)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 

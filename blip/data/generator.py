@@ -31,13 +31,28 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from . import layout
 from .coco import build_gt, write_gt
 from .grammar import describe, vocabulary, web_style
 from .noise import DEFAULT_NOISE_MIX, NOISE_KINDS, corrupt, noise_plan, validate_mix
 from .progress import progress_bar
 from .render import render
-from .shards import MAX_SHARD_SIZE, dumps, make_key, sample_members, write_shard, write_sizes
-from .world import TRAIN_BACKGROUNDS, ZEROSHOT_BACKGROUNDS, Scene, WorldConfig, sample_rngs, sample_scene
+from .shards import (
+    MAX_SHARD_SIZE,
+    dumps,
+    make_key,
+    sample_members,
+    write_shard,
+    write_sizes,
+)
+from .world import (
+    TRAIN_BACKGROUNDS,
+    ZEROSHOT_BACKGROUNDS,
+    Scene,
+    WorldConfig,
+    sample_rngs,
+    sample_scene,
+)
 
 SPLITS = ("web", "human", "val", "test", "zeroshot")
 EVAL_SPLITS = ("val", "test", "zeroshot")
@@ -45,15 +60,15 @@ EVAL_SPLITS = ("val", "test", "zeroshot")
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Sizes are numbers of images. Defaults are sized so the whole bootstrap loop with the
-    ``tiny`` model runs in about 20 minutes on 2 CPU cores (issue 3)."""
+    """Sizes are numbers of images; the defaults are the embedded run's world (``params.yaml``'s
+    ``generate`` section, the ``tiny`` model on 2 CPU cores)."""
 
     seed: int = 0
-    web: int = 5000
-    human: int = 1000
-    val: int = 250
-    test: int = 250
-    zeroshot: int = 250
+    web: int = 3000
+    human: int = 600
+    val: int = 200
+    test: int = 200
+    zeroshot: int = 200
     captions_per_image: int = 5
     noise_rate: float = 0.4
     noise_mix: dict = field(default_factory=lambda: dict(DEFAULT_NOISE_MIX))
@@ -229,7 +244,7 @@ def _finish(cfg: GenerateConfig, splits, out_dir: str, results: list[dict]) -> d
         if split in EVAL_SPLITS:
             images = [im for r in rs for im in r["gt_images"]]
             captions = {k: v for r in rs for k, v in r["gt_captions"].items()}
-            gt_path = os.path.join(out_dir, "annotations", f"{split}_gt.json")
+            gt_path = layout.gt_path(out_dir, split)
             write_gt(gt_path, build_gt(images, captions, f"blip-bootstrap generated world, split {split}, seed {cfg.seed}"))
             info["gt"] = os.path.relpath(gt_path, out_dir)
         split_info[split] = info

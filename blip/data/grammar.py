@@ -17,7 +17,14 @@ import re
 
 import numpy as np
 
-from .world import ALL_SHAPES, TRAIN_BACKGROUNDS, ZEROSHOT_BACKGROUNDS, Group, Scene, WorldConfig
+from .world import (
+    ALL_SHAPES,
+    TRAIN_BACKGROUNDS,
+    ZEROSHOT_BACKGROUNDS,
+    Group,
+    Scene,
+    WorldConfig,
+)
 
 SHAPE_WORDS = {  # (singular, plural) paraphrases
     "circle": (("circle", "circles"), ("disc", "discs")),

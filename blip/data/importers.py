@@ -23,9 +23,19 @@ from collections import Counter
 
 from PIL import Image
 
+from . import layout
 from .coco import build_gt, write_gt
 from .progress import progress_bar
-from .shards import MAX_SHARD_SIZE, count_shards, dumps, make_key, resolve_shards, sample_members, write_shard, write_sizes
+from .shards import (
+    MAX_SHARD_SIZE,
+    count_shards,
+    dumps,
+    make_key,
+    resolve_shards,
+    sample_members,
+    write_shard,
+    write_sizes,
+)
 
 COCO_SPLITS = {"train": "human", "restval": "human", "val": "val", "test": "test"}
 FLICKR_SPLITS = {"train": "human", "val": "val", "test": "test"}
@@ -126,7 +136,7 @@ def import_karpathy(
         writer.close()
         info = {"shards": [f"{out_split}/{k}" for k in sorted(writer.sizes)], "images": writer.images, "pairs": writer.pairs}
         if out_split in GT_SPLITS:
-            gt_path = os.path.join(out_dir, "annotations", f"{out_split}_gt.json")
+            gt_path = layout.gt_path(out_dir, out_split)
             write_gt(gt_path, build_gt(gt_images, gt_caps, f"{source} {out_split} from {os.path.basename(karpathy_json)}"))
             info["gt"] = os.path.relpath(gt_path, out_dir)
         summary[out_split] = info

@@ -82,7 +82,9 @@ def resolve_shards(spec) -> list[str]:
     Raises ``FileNotFoundError`` naming the spec when a folder holds no tar, so an empty dataset
     never silently trains on nothing.
     """
-    from webdataset.shardlists import expand_urls  # brace expansion as webdataset does it
+    from webdataset.shardlists import (
+        expand_urls,  # brace expansion as webdataset does it
+    )
 
     if isinstance(spec, (str, os.PathLike)):
         parts = str(spec).split("::")

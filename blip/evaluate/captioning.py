@@ -201,8 +201,8 @@ def evaluate_captioning(
     """
     import torch
 
-    from ..data import make_loader
-    from ..model import GenerationConfig
+    from ..data.loader import make_loader
+    from ..model.config import GenerationConfig
 
     gen_cfg = gen_cfg or GenerationConfig(method="beam", num_beams=3, max_length=20, min_length=5)
     was_training = captioner.training

@@ -206,7 +206,7 @@ def evaluate_filter(
 ) -> dict:
     """:func:`filter_metrics` of the filter's web-text scores (anything :func:`load_filter_scores`
     accepts, e.g. the filter stage's output folder) against the noise labels of ``web_shards``."""
-    from ..data import noise_labels
+    from ..data.labels import noise_labels
 
     itm, itc = load_filter_scores(scores, itm_column=itm_column, itc_column=itc_column)
     return filter_metrics(itm, noise_labels(web_shards), itc=itc, threshold=threshold)

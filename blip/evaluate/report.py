@@ -6,22 +6,15 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 
+from ..track import flatten as _flatten
+
 NOTES_KEY = "skipped"  # {metric: reason}, as the evaluators return it: rendered as notes, not rows
 
 
 def flatten(metrics: Mapping, prefix: str = "") -> dict[str, object]:
     """Nested dicts to dotted keys: ``{"per_kind": {"spam": {"recall": 1}}}`` -> ``per_kind.spam.recall``.
     ``skipped`` entries are left out (see :func:`metrics_table`)."""
-    out: dict[str, object] = {}
-    for k, v in metrics.items():
-        if k == NOTES_KEY and not prefix:
-            continue
-        name = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, f"{name}."))
-        else:
-            out[name] = v
-    return out
+    return _flatten(dict(metrics), ".", prefix, skip=(NOTES_KEY,))
 
 
 def _cell(v, digits: int) -> str:

@@ -24,7 +24,12 @@ import numpy as np
 import torch
 
 from .. import dist
-from ..model import cosine_similarity, image_embeddings, itm_scores, text_embeddings
+from ..model.scoring import (
+    cosine_similarity,
+    image_embeddings,
+    itm_scores,
+    text_embeddings,
+)
 
 _log = logging.getLogger("blip.evaluate")
 
@@ -163,7 +168,7 @@ def retrieval_scores(
     Under torch.distributed every rank reads all images, scores its share of the query rows
     and the matrices are summed over ranks, as BLIP; every rank returns the full matrices.
     """
-    from ..data import make_loader
+    from ..data.loader import make_loader
 
     was_training = model.training
     model.eval()

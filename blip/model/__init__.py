@@ -1,14 +1,12 @@
-"""The MED model: ViT + BERT-style text encoder/decoder, BLIP's losses and generation."""
+"""The MED model: ViT + BERT-style text encoder/decoder, BLIP's losses and generation.
 
-from .blip import MODEL_CLASSES, BlipBase, BlipCaptioner, BlipPretrain, BlipRetrieval
-from .config import PRESETS, SHARING_STRATEGIES, BlipConfig, TextConfig, VisionConfig, load_preset
-from .generation import GenerationConfig, generate
-from .med import Role, TextDecoder, TextTransformer
-from .scoring import ITMScores, cosine_similarity, image_embeddings, itm_scores, text_embeddings
+Modules (import from them by name; ``config`` is torch-free, so validating params is cheap)::
 
-__all__ = [
-    "MODEL_CLASSES", "BlipBase", "BlipCaptioner", "BlipPretrain", "BlipRetrieval", "PRESETS",
-    "SHARING_STRATEGIES", "BlipConfig", "TextConfig", "VisionConfig", "load_preset", "GenerationConfig",
-    "generate", "Role", "TextDecoder", "TextTransformer", "ITMScores", "cosine_similarity",
-    "image_embeddings", "itm_scores", "text_embeddings",
-]
+    config      BlipConfig, VisionConfig, TextConfig, GenerationConfig, load_preset, PRESETS, SHARING_STRATEGIES
+    blip        BlipPretrain, BlipRetrieval, BlipCaptioner (MODEL_CLASSES): the paper's models and losses
+    med, vit    the text transformer (Role.TEXT / ENCODER / DECODER) and the ViT
+    sharing     Table 3's encoder/decoder parameter sharing
+    losses      ITC, ITM and LM as pure functions
+    generation  generate(): greedy, beam and nucleus decoding with a KV cache
+    scoring     itm_scores, image_embeddings, text_embeddings, cosine_similarity
+"""

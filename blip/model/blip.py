@@ -16,8 +16,8 @@ from torch import nn
 
 from .. import dist
 from . import losses
-from .config import BlipConfig
-from .generation import GenerationConfig, generate
+from .config import BlipConfig, GenerationConfig
+from .generation import generate
 from .med import Role, TextDecoder, TextTransformer, init_bert_weights
 from .sharing import tie_text_towers
 from .vit import VisionEncoder

@@ -17,6 +17,7 @@ T = TypeVar("T")
 
 SHARING_STRATEGIES = ("all", "all_except_ca", "all_except_sa", "none")
 PRESETS = ("tiny", "small", "base", "large")
+GENERATION_METHODS = ("beam", "nucleus", "greedy")
 
 
 @dataclass
@@ -102,6 +103,30 @@ class BlipConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BlipConfig":
         return from_dict(cls, d)
+
+
+@dataclass
+class GenerationConfig:
+    method: str = "beam"  # beam (BLIP's default, 3 beams) | nucleus (CapFilt, p=0.9) | greedy
+    num_beams: int = 3
+    max_length: int = 20  # total tokens including the prompt
+    min_length: int = 5
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0  # BLIP hard-codes 1.1 for nucleus sampling
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.method not in GENERATION_METHODS:
+            raise ValueError(f"generation method {self.method!r} unknown; use one of {GENERATION_METHODS}")
+        if self.method == "beam" and self.num_beams < 1:
+            raise ValueError("num_beams must be >= 1")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+    @classmethod
+    def nucleus(cls, **kw) -> "GenerationConfig":
+        """CapFilt's synthetic-caption setting: top_p 0.9, repetition penalty 1.1."""
+        return cls(method="nucleus", **{"repetition_penalty": 1.1, **kw})
 
 
 def from_dict(cls: type[T], d: dict[str, Any], where: str = "") -> T:

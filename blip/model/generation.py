@@ -16,38 +16,11 @@ and only the last position goes through the LM head.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from .config import GenerationConfig
 from .med import TextDecoder
-
-METHODS = ("beam", "nucleus", "greedy")
-
-
-@dataclass
-class GenerationConfig:
-    method: str = "beam"  # beam (BLIP's default, 3 beams) | nucleus (CapFilt, p=0.9) | greedy
-    num_beams: int = 3
-    max_length: int = 20  # total tokens including the prompt
-    min_length: int = 5
-    top_p: float = 0.9
-    repetition_penalty: float = 1.0  # BLIP hard-codes 1.1 for nucleus sampling
-    length_penalty: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"generation method {self.method!r} unknown; use one of {METHODS}")
-        if self.method == "beam" and self.num_beams < 1:
-            raise ValueError("num_beams must be >= 1")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-
-    @classmethod
-    def nucleus(cls, **kw) -> "GenerationConfig":
-        """CapFilt's synthetic-caption setting: top_p 0.9, repetition penalty 1.1."""
-        return cls(method="nucleus", **{"repetition_penalty": 1.1, **kw})
 
 
 def _repetition_penalty(scores: torch.Tensor, seqs: torch.Tensor, penalty: float) -> torch.Tensor:

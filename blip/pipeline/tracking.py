@@ -11,6 +11,8 @@ parent of this workspace with the same ablation factors, or starts one, and the 
 stage finishes it.
 
 ``mlflow`` (1-2 s to import) and ``torch`` are imported inside the functions that need them.
+Parameters come in as a typed :class:`blip.params.Params`; its ``raw`` mapping is what gets
+recorded, exactly as written in ``params.yaml``.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..params import Params
+from ..track import DatasetRef, NullTracker, flatten, is_main_process
+
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "blip-bootstrap"
 DEFAULT_UI_URL = "http://127.0.0.1:5000"
 PARENT_ENV = "BLIP_MLFLOW_PARENT_RUN_ID"
-FACTOR_KEYS = ("capfilt.parts", "capfilt.decoding", "capfilt.models", "model.sharing")
 ROLE_TAG, WORKSPACE_TAG, STAGE_TAG = "blip.role", "blip.workspace", "blip.stage"
 PARENT_TAG = "mlflow.parentRunId"
 # MLflow 3's UI opens an experiment without this tag as a GenAI one (traces, no runs table).
@@ -54,23 +58,9 @@ def tracking_uri(root: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
-def enabled(params: dict[str, Any]) -> bool:
-    """``mlflow.enabled`` in the params (off when the section is absent), unless ``BLIP_MLFLOW=0``."""
-    return bool((params.get("mlflow") or {}).get("enabled", False)) and os.environ.get("BLIP_MLFLOW") != "0"
-
-
-def _get(params: dict[str, Any], dotted: str) -> Any:
-    node: Any = params
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def factor_tags(params: dict[str, Any]) -> dict[str, str]:
-    """The four ablation factors (Tables 1-4) -> their values (factors absent from ``params`` are left out)."""
-    return {k: str(v) for k in FACTOR_KEYS if (v := _get(params, k)) is not None}
+def enabled(params: Params) -> bool:
+    """``mlflow.enabled`` (default true), unless the environment says ``BLIP_MLFLOW=0``."""
+    return params.mlflow.enabled and os.environ.get("BLIP_MLFLOW") != "0"
 
 
 def _key(name: str) -> str:
@@ -88,24 +78,13 @@ def _param_value(value: Any) -> str:
     return s if len(s) <= _MAX_PARAM_VALUE else s[: _MAX_PARAM_VALUE - 3] + "..."
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
-    if isinstance(value, dict) and value:
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    else:
-        out[prefix] = _param_value(value)
-
-
 def flat_params(params: dict[str, Any], sections: list[str] | tuple[str, ...] | None = None) -> dict[str, str]:
-    """``{"section.key": str(value)}`` with nested dicts dotted, lists (and empty dicts) as JSON.
-
-    ``sections`` picks top-level sections (all when ``None``); names not in ``params`` are skipped.
+    """``{"section.key": str(value)}`` of a params mapping (``Params.raw``) with nested dicts dotted,
+    lists (and empty dicts) as JSON. ``sections`` picks top-level sections (all when ``None``);
+    names not in ``params`` are skipped.
     """
     names = list(params) if sections is None else [s for s in sections if s in params]
-    out: dict[str, str] = {}
-    for name in names:
-        _flatten(str(name), params[name], out)
-    return out
+    return {k: _param_value(v) for k, v in flatten({str(n): params[n] for n in names}).items()}
 
 
 def _git_commit(root: Path) -> str:
@@ -115,12 +94,6 @@ def _git_commit(root: Path) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
-
-
-def _is_main_process() -> bool:
-    from blip import dist
-
-    return dist.is_main_process()
 
 
 # -- MLflow plumbing ----------------------------------------------------------------------------------
@@ -136,13 +109,13 @@ def _is_remote(uri: str) -> bool:
     return uri.split(":", 1)[0] in ("http", "https", "databricks")
 
 
-def _experiment_id(client, root: str | Path, params: dict[str, Any]) -> str:
+def _experiment_id(client, root: str | Path, params: Params) -> str:
     """Get or create the experiment named in ``mlflow.experiment``, marked as a model-training one for
     the UI; a new one keeps its artifacts in ``<root>/mlartifacts`` (a remote server keeps its own
     artifact root)."""
     from mlflow.exceptions import MlflowException
 
-    name = (params.get("mlflow") or {}).get("experiment") or DEFAULT_EXPERIMENT
+    name = params.mlflow.experiment or DEFAULT_EXPERIMENT
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
@@ -198,14 +171,13 @@ def _set_tags(client, run_id: str, tags: dict[str, Any]) -> None:
 # -- parent runs --------------------------------------------------------------------------------------
 
 
-def _run_name(params: dict[str, Any]) -> str:
-    parts = [str(_get(params, k)) if _get(params, k) is not None else "?" for k in FACTOR_KEYS]
-    return "bootstrap " + "/".join(parts)
+def _run_name(params: Params) -> str:
+    return "bootstrap " + "/".join(params.factors().values())
 
 
 def start_parent(
     root: str | Path,
-    params: dict[str, Any],
+    params: Params,
     *,
     prefect_flow_run_id: str | None = None,
     prefect_flow_run_name: str | None = None,
@@ -219,7 +191,7 @@ def start_parent(
         ROLE_TAG: "bootstrap",
         WORKSPACE_TAG: str(root),
         "git.commit": commit,
-        **factor_tags(params),
+        **params.factors(),
     }
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit
@@ -228,12 +200,12 @@ def start_parent(
     if prefect_flow_run_name is not None:
         tags["prefect.flow_run_name"] = str(prefect_flow_run_name)
     run = client.create_run(_experiment_id(client, root, params), tags=tags, run_name=run_name or _run_name(params))
-    _log_params(client, run.info.run_id, flat_params(params))
+    _log_params(client, run.info.run_id, flat_params(params.raw))
     log.info("mlflow: started parent run %s", run.info.run_id)
     return run.info.run_id
 
 
-def resolve_parent(root: str | Path, params: dict[str, Any]) -> tuple[str, bool]:
+def resolve_parent(root: str | Path, params: Params) -> tuple[str, bool]:
     """The parent for a stage: ``($BLIP_MLFLOW_PARENT_RUN_ID, True)``, else ``(id, False)`` of the newest
     RUNNING bootstrap of this workspace with the same factors, else of a new one."""
     env = os.environ.get(PARENT_ENV)
@@ -248,7 +220,7 @@ def resolve_parent(root: str | Path, params: dict[str, Any]) -> tuple[str, bool]
         order_by=["attributes.start_time DESC"],
         max_results=200,
     )
-    factors = factor_tags(params)
+    factors = params.factors()
     for run in runs:
         tags = run.data.tags
         if tags.get(WORKSPACE_TAG) == str(root) and all(tags.get(k) == v for k, v in factors.items()):
@@ -272,25 +244,26 @@ def run_url(root: str | Path, run_id: str) -> str:
 
 
 class StageTracker:
-    """A child run: implements :class:`blip.track.Tracker` plus checkpoint and parent logging."""
+    """A child run: the MLflow implementation of :class:`blip.track.Tracker`."""
 
     enabled = True
 
-    def __init__(self, root: str | Path, client, run_id: str, parent_run_id: str) -> None:
+    def __init__(self, root: str | Path, client, run_id: str, parent_run_id: str, stage: str = "",
+                 factors: dict[str, str] | None = None) -> None:
         self.root = Path(root).resolve()
         self.client = client
         self.run_id = run_id
         self.parent_run_id = parent_run_id
+        self.stage = stage
+        self.factors = dict(factors or {})
         self._params: dict[str, str] = {}
+        self._model_dirs: set[str] = set()
 
     # blip.track.Tracker
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params (nested dicts dotted). A key already logged with the same value is skipped; a
         different value for it is warned about and skipped, since MLflow params are immutable."""
-        flat: dict[str, str] = {}
-        for k, v in params.items():
-            _flatten(str(k), v, flat)
-        flat = {_key(k): v for k, v in flat.items()}
+        flat = {_key(k): _param_value(v) for k, v in flatten({str(k): v for k, v in params.items()}).items()}
         new = {}
         for k, v in flat.items():
             old = self._params.get(k)
@@ -318,16 +291,29 @@ class StageTracker:
         else:
             raise FileNotFoundError(f"cannot log artifact {path}: no such file or directory")
 
-    # extras
-    def log_model_dir(self, path: str | Path, name: str, hf: bool = False) -> None:
-        """Log a checkpoint dir (``config.json`` + ``model.safetensors`` + ``tokenizer/``) under ``name/``;
-        with ``hf`` also its transformers ``BlipForConditionalGeneration`` export under ``name-hf/``."""
+    def log_model(self, path: str | Path, name: str, *, role: str | None = None, hf: bool = False,
+                  register: str | None = None) -> None:
+        """Log a checkpoint dir (``config.json`` + ``model.safetensors`` + ``tokenizer/``) under ``name/``
+        (once, however many roles it plays); with ``hf`` also its transformers export (weights +
+        processor) under ``name-hf/``. With a ``role`` (captioner | filter) it also becomes an MLflow
+        model (pyfunc that captions / scores images) linked to this run, and with ``register`` a
+        version of that registered model, tagged with the bootstrap's factors."""
+        from . import mlflow_assets
+
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
-        self.client.log_artifacts(self.run_id, str(path), name)
-        if not hf:
-            return
+        if name not in self._model_dirs:
+            self.client.log_artifacts(self.run_id, str(path), name)
+            self._model_dirs.add(name)
+        if hf and f"{name}-hf" not in self._model_dirs:
+            self._log_hf(path, f"{name}-hf")
+        if role is not None:
+            tags = {**self.factors, "blip.stage": self.stage, "blip.bootstrap_run_id": self.parent_run_id}
+            mlflow_assets.log_blip_model(self.client, self.run_id, path, role=role, registered_name=register,
+                                         tags=tags)
+
+    def _log_hf(self, path: Path, name: str) -> None:
         from blip.checkpoint import load_model
         from blip.convert import save_hf
         from blip.tokenizer import BlipTokenizer
@@ -337,15 +323,25 @@ class StageTracker:
         tmp = Path(tempfile.mkdtemp(prefix="blip-hf-"))
         try:
             save_hf(model, tmp, kind="captioner", tokenizer=tokenizer)
-            self.client.log_artifacts(self.run_id, str(tmp), f"{name}-hf")
+            self.client.log_artifacts(self.run_id, str(tmp), name)
+            self._model_dirs.add(name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def log_datasets(self, datasets: list[DatasetRef]) -> None:
+        """Record datasets this stage read or wrote as MLflow dataset inputs (the runs table's Dataset
+        column); the digest is ``dvc.lock``'s md5 where DVC versions the folder, else a fingerprint."""
+        from . import mlflow_assets
+
+        lock = self.root / "dvc.lock"
+        refs = [(d.name, d.path, d.digest or mlflow_assets.dataset_digest(d.path, lock), d.context) for d in datasets]
+        mlflow_assets.log_datasets(self.client, self.run_id, refs)
 
     def set_parent_tags(self, tags: dict[str, Any]) -> None:
         _set_tags(self.client, self.parent_run_id, tags)
 
-    def log_parent_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        _log_metrics(self.client, self.parent_run_id, metrics, step)
+    def log_parent_metrics(self, metrics: dict[str, float]) -> None:
+        _log_metrics(self.client, self.parent_run_id, metrics, None)
 
     def stage_durations(self) -> dict[str, float]:
         """Wall seconds of the parent's finished stage runs, in start order (this bootstrap's timing)."""
@@ -357,55 +353,25 @@ class StageTracker:
         return {r.info.run_name: (r.info.end_time - r.info.start_time) / 1000 for r in runs if r.info.end_time}
 
 
-class NullStageTracker:
-    """What :func:`stage_run` yields when tracking is off (or on a non-main rank): same methods, no-ops.
-    (Not a ``blip.track.NullTracker`` subclass: that module imports torch, this one must not.)"""
-
-    enabled = False
-    run_id: str | None = None
-    parent_run_id: str | None = None
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        pass
-
-    def log_artifact(self, path: str | Path, name: str | None = None) -> None:
-        pass
-
-    def stage_durations(self) -> dict[str, float]:
-        return {}
-
-    def log_model_dir(self, path: str | Path, name: str, hf: bool = False) -> None:
-        pass
-
-    def set_parent_tags(self, tags: dict[str, Any]) -> None:
-        pass
-
-    def log_parent_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        pass
-
-
 @contextmanager
 def stage_run(
-    root: str | Path, params: dict[str, Any], stage: str, sections: list[str] | tuple[str, ...] | None = None
-) -> Iterator[StageTracker | NullStageTracker]:
+    root: str | Path, params: Params, stage: str, sections: list[str] | tuple[str, ...] | None = None
+) -> Iterator[StageTracker | NullTracker]:
     """A child run named ``stage`` under :func:`resolve_parent`'s parent, with the ``sections``' params
     and the factors (as params and tags). The child ends FAILED when the body raises (re-raised),
     else FINISHED; a ``report`` stage also finishes a parent that the environment does not own."""
-    if not enabled(params) or not _is_main_process():
-        yield NullStageTracker()
+    if not enabled(params) or not is_main_process():
+        yield NullTracker()
         return
     root = Path(root).resolve()
     client = _client(root)
     parent_id, env_owned = resolve_parent(root, params)
     exp_id = client.get_run(parent_id).info.experiment_id
-    factors = factor_tags(params)
+    factors = params.factors()
     tags = {PARENT_TAG: parent_id, STAGE_TAG: stage, ROLE_TAG: "stage", WORKSPACE_TAG: str(root), **factors}
     run = client.create_run(exp_id, tags=tags, run_name=stage)
-    tracker = StageTracker(root, client, run.info.run_id, parent_id)
-    tracker.log_params({**flat_params(params, sections), **factors})
+    tracker = StageTracker(root, client, run.info.run_id, parent_id, stage, factors)
+    tracker.log_params({**flat_params(params.raw, sections), **factors})
     log.info("mlflow: stage %s -> run %s (parent %s)", stage, tracker.run_id, parent_id)
     try:
         yield tracker

@@ -1,8 +1,10 @@
-"""Training engines: pre-training and the captioner / filter / retrieval fine-tunings."""
+"""Training engines: pre-training and the captioner / filter / shared fine-tunings.
 
-from .config import JOBS, TrainConfig
-from .jobs import ARCH, build_model, compute_losses
-from .optim import lr_at, param_groups
-from .trainer import train
+Modules (import from them by name; ``config`` is torch-free)::
 
-__all__ = ["JOBS", "TrainConfig", "ARCH", "build_model", "compute_losses", "lr_at", "param_groups", "train"]
+    config   TrainConfig: one training section of params.yaml
+    jobs     JOBS: what each job builds and the losses it optimises
+    optim    param_groups, lr_at
+    trainer  train(cfg, shards, out_dir, ...) -> summary
+    state    resumable checkpoints
+"""

@@ -6,8 +6,29 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-JOBS = ("pretrain", "finetune_captioner", "finetune_filter", "finetune_retrieval", "finetune_shared")
 SCHEDULES = ("step", "cosine")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a training job builds and optimises. ``model``: the class it trains (``BlipPretrain``
+    from scratch, else initialised from a checkpoint); ``objective``: which forward pass —
+    ``pretrain`` (ITC + ITM + LM), ``lm`` (captioner), ``retrieval`` (ITC + ITM with positives by
+    image id), ``shared`` (all three with image ids, Table 4's one model)."""
+
+    model: str
+    objective: str
+    from_scratch: bool = False
+
+
+#: every training job, by name; a training section of params.yaml trains the job of its name
+JOBS = {
+    "pretrain": Job("BlipPretrain", "pretrain", from_scratch=True),  # the noisy-data baseline
+    "repretrain": Job("BlipPretrain", "pretrain", from_scratch=True),  # a new model on the bootstrapped data
+    "finetune_captioner": Job("BlipCaptioner", "lm"),
+    "finetune_filter": Job("BlipRetrieval", "retrieval"),
+    "finetune_shared": Job("BlipPretrain", "shared"),  # Table 4: one model as captioner and filter
+}
 
 
 @dataclass
@@ -51,7 +72,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.job not in JOBS:
-            raise ValueError(f"job={self.job!r} unknown; use one of {JOBS}")
+            raise ValueError(f"job={self.job!r} unknown; use one of {tuple(JOBS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} unknown; use one of {SCHEDULES}")
         if self.bf16 not in (True, False, "auto"):

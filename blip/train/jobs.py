@@ -1,4 +1,4 @@
-"""What each training job builds and how it turns a loader batch into losses."""
+"""How a training job (``config.JOBS``) builds its model and turns a loader batch into losses."""
 
 from __future__ import annotations
 
@@ -7,19 +7,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_model
-from ..model import BlipConfig, BlipPretrain
-from ..model.blip import BlipBase
+from ..model.blip import BlipBase, BlipPretrain
+from ..model.config import BlipConfig
 from ..tokenizer import BlipTokenizer
-from .config import TrainConfig
-
-#: the model class each job trains
-ARCH = {
-    "pretrain": "BlipPretrain",
-    "finetune_captioner": "BlipCaptioner",
-    "finetune_filter": "BlipRetrieval",
-    "finetune_retrieval": "BlipRetrieval",
-    "finetune_shared": "BlipPretrain",  # one model as captioner and filter (Table 4)
-}
+from .config import JOBS, TrainConfig
 
 
 def build_model(
@@ -27,16 +18,16 @@ def build_model(
 ) -> tuple[BlipBase, BlipTokenizer]:
     """A fresh pre-training model from ``model_cfg`` + ``tokenizer``, or the job's model class
     initialised from checkpoint ``init`` (tokenizer read from ``init/tokenizer``)."""
-    arch = ARCH[cfg.job]
-    kwargs = {"negative_all_rank": cfg.negative_all_rank} if arch == "BlipRetrieval" else {}
+    job = JOBS[cfg.job]
+    kwargs = {"negative_all_rank": cfg.negative_all_rank} if job.model == "BlipRetrieval" else {}
     if init is not None:
-        model = load_model(init, arch=arch, **kwargs)
+        model = load_model(init, arch=job.model, **kwargs)
         tok = tokenizer or BlipTokenizer.load(Path(init) / "tokenizer")
         return model, tok
-    if cfg.job != "pretrain":
+    if not job.from_scratch:
         raise ValueError(f"job {cfg.job!r} fine-tunes a checkpoint: pass init=<pre-trained model dir>")
     if model_cfg is None or tokenizer is None:
-        raise ValueError("pre-training from scratch needs a model config and a tokenizer")
+        raise ValueError(f"job {cfg.job!r} trains from scratch: it needs a model config and a tokenizer")
     if model_cfg.text.vocab_size != len(tokenizer):
         raise ValueError(
             f"model text.vocab_size={model_cfg.text.vocab_size} but the tokenizer has {len(tokenizer)} tokens; "
@@ -49,20 +40,21 @@ def compute_losses(
     cfg: TrainConfig, model, batch: dict, tok: BlipTokenizer, alpha: float, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """Run the job's forward pass on a loader batch; returns the loss terms."""
+    objective = JOBS[cfg.job].objective
     image = batch["image"].to(device, non_blocking=True)
     prompt = _unwrap(model).cfg.prompt
-    if cfg.job == "finetune_captioner":  # LM on "a picture of " + caption, prompt not supervised
+    if objective == "lm":  # "a picture of " + caption, the prompt not supervised
         text = tok([prompt + t for t in batch["text"]], max_length=cfg.max_text_len)
         return model(image, text.input_ids.to(device), text.attention_mask.to(device),
                      prompt_length=len(tok.prompt_ids(prompt)))
     text = tok(batch["text"], max_length=cfg.max_text_len)
     ids, mask = text.input_ids.to(device), text.attention_mask.to(device)
-    if cfg.job == "pretrain":
+    if objective == "pretrain":
         return model(image, ids, mask, alpha=alpha)
     idx = batch["image_id"].to(device)
-    if cfg.job in ("finetune_filter", "finetune_retrieval"):
+    if objective == "retrieval":
         return model(image, ids, mask, idx=idx, alpha=alpha)
-    dec = tok([prompt + t for t in batch["text"]], max_length=cfg.max_text_len)  # finetune_shared
+    dec = tok([prompt + t for t in batch["text"]], max_length=cfg.max_text_len)  # shared: LM + ITC + ITM
     return model(image, ids, mask, alpha=alpha, idx=idx, decoder_input_ids=dec.input_ids.to(device),
                  decoder_attention_mask=dec.attention_mask.to(device), prompt_length=len(tok.prompt_ids(prompt)))
 

@@ -21,13 +21,12 @@ import torch
 
 from .. import dist
 from ..checkpoint import save_model
-from ..data import LoaderConfig
-from ..data.loader import BlipLoader
-from ..model import BlipConfig
+from ..data.loader import BlipLoader, LoaderConfig
+from ..model.config import BlipConfig
 from ..tokenizer import BlipTokenizer
 from ..track import NullTracker, Tracker
 from .config import TrainConfig
-from .jobs import compute_losses, build_model
+from .jobs import build_model, compute_losses
 from .optim import lr_at, param_groups, set_lr
 from .state import config_hash, load_state, read_state, save_state
 

@@ -1,0 +1,131 @@
+"""The typed sections of the CapFilt stages (``caption``, ``filter``, ``assemble`` in ``params.yaml``)
+and the names they allow. Torch-free, so validating ``params.yaml`` stays cheap."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..data.shards import MAX_SHARD_SIZE
+from ..model.config import GenerationConfig
+
+EXECUTORS = ("thread", "process")
+METHODS = ("nucleus", "beam")  # Table 2: the decodings of the synthetic captions
+TEXT_MAX_LENGTH = 35  # BLIP's retrieval setting (blip-facts §1.8)
+PARTS = {  # Table 1 names -> (use_filter, use_captioner)
+    "none": (False, False),
+    "filter": (True, False),
+    "captioner": (False, True),
+    "both": (True, True),
+}
+DEFAULT_THRESHOLD = 0.5
+
+
+def parts_name(use_filter: bool, use_captioner: bool) -> str:
+    return {v: k for k, v in PARTS.items()}[(bool(use_filter), bool(use_captioner))]
+
+
+def check_fan_out(workers: int, executor: str) -> None:
+    """The fan-out settings every shard stage shares: shards in flight and how they run."""
+    if workers < 1:
+        raise ValueError(f"workers={workers}: must be >= 1")
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r}: use one of {EXECUTORS}")
+
+
+@dataclass
+class CaptionConfig:
+    """The ``caption`` section of ``params.yaml``.
+
+    ``method``: ``nucleus`` (CapFilt, top_p 0.9 and BLIP's repetition penalty 1.1) or ``beam``
+    (``num_beams`` 3, no repetition penalty, as BLIP's ``generate``). ``max_length``/``min_length``
+    count the prompt's tokens, as BLIP's configs (20/5). ``seed``: nucleus sampling only.
+    How it runs (not part of the result's identity): ``batch_size``, ``device`` (auto | cpu |
+    cuda | cuda:N), ``workers`` (shards in flight), ``executor`` (thread | process), ``progress``.
+    """
+
+    method: str = "nucleus"
+    top_p: float = 0.9
+    num_beams: int = 3
+    max_length: int = 20
+    min_length: int = 5
+    seed: int = 0
+    batch_size: int = 32
+    device: str = "auto"
+    workers: int = 1
+    executor: str = "thread"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: use one of {METHODS}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+        check_fan_out(self.workers, self.executor)
+        self.generation()  # validates top_p, num_beams
+
+    def generation(self) -> GenerationConfig:
+        if self.method == "nucleus":
+            return GenerationConfig.nucleus(max_length=self.max_length, min_length=self.min_length, top_p=self.top_p)
+        return GenerationConfig(method="beam", num_beams=self.num_beams, max_length=self.max_length,
+                                min_length=self.min_length)
+
+    def identity(self) -> dict:
+        """The fields that decide the captions."""
+        d = {"generation": asdict(self.generation())}
+        if self.method == "nucleus":
+            d["seed"] = self.seed
+        return d
+
+
+@dataclass
+class FilterConfig:
+    """The ``filter`` section of ``params.yaml``. ``max_length``: text tokens (35, retrieval).
+    How it runs (not part of the result's identity): ``batch_size`` (images per ViT pass; twice
+    as many texts per ITM pass), ``device``, ``workers``, ``executor``, ``progress``.
+    The keep/drop threshold is not here: it belongs to ``assemble`` (``selection.select``)."""
+
+    max_length: int = TEXT_MAX_LENGTH
+    batch_size: int = 64
+    device: str = "auto"
+    workers: int = 1
+    executor: str = "thread"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_length < 3 or self.batch_size < 1:
+            raise ValueError(f"max_length={self.max_length} must be >= 3 and batch_size={self.batch_size} >= 1")
+        check_fan_out(self.workers, self.executor)
+
+
+@dataclass
+class AssembleConfig:
+    """The ``assemble`` section of ``params.yaml``: the CapFilt parts (Table 1) and the threshold.
+    ``use_filter``: drop texts with ITM p(match) < ``threshold``; ``use_captioner``: add the
+    synthetic captions. ``max_shard_samples``: samples per output tar (<= 10000, 4-digit index)."""
+
+    threshold: float = DEFAULT_THRESHOLD
+    use_filter: bool = True
+    use_captioner: bool = True
+    max_shard_samples: int = MAX_SHARD_SIZE
+    workers: int = 1
+    executor: str = "thread"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold={self.threshold}: a probability, in [0, 1]")
+        if not 1 <= self.max_shard_samples <= MAX_SHARD_SIZE:
+            raise ValueError(f"max_shard_samples={self.max_shard_samples}: must be in 1..{MAX_SHARD_SIZE}")
+        check_fan_out(self.workers, self.executor)
+
+    @property
+    def parts(self) -> str:
+        """Table 1's name for this setting: none | filter | captioner | both."""
+        return parts_name(self.use_filter, self.use_captioner)
+
+    @classmethod
+    def for_parts(cls, parts: str, **kw) -> AssembleConfig:
+        if parts not in PARTS:
+            raise ValueError(f"parts={parts!r}: use one of {list(PARTS)}")
+        use_filter, use_captioner = PARTS[parts]
+        return cls(use_filter=use_filter, use_captioner=use_captioner, **kw)

@@ -1,0 +1,58 @@
+"""The CapFilt stages (§3.3): ``caption``, ``filter``, ``assemble``, and ``filter_quality`` (the
+filter measured against the generator's hidden noise labels, which the paper could not do)."""
+
+from __future__ import annotations
+
+from ..params import Params
+from ..track import Tracker, numeric
+from .common import StageError, datasets, skip, skipped, write_json
+
+
+def _model(params: Params, role_dir: str | None, shared: str | None, role: str) -> str:
+    """The model that plays ``role``: the shared captioner+filter under ``capfilt.models: shared``."""
+    model = shared if params.capfilt.models == "shared" else role_dir
+    if model is None or skipped(model):
+        raise StageError(f"{role}: capfilt.models is {params.capfilt.models!r} but {model} holds no trained model")
+    return model
+
+
+def caption(stage, params: Params, tracker: Tracker, *, captioner: str, shards: list[str], out: str,
+            shared: str | None = None) -> dict:
+    if not params.capfilt.use_captioner:
+        return skip(out, f"capfilt.parts is {params.capfilt.parts!r}: no synthetic captions")
+    from ..capfilt.caption import caption_shards
+
+    tracker.log_datasets(datasets(shards, "input"))
+    return caption_shards(params.caption, _model(params, captioner, shared, "caption"), shards, out, tracker=tracker)
+
+
+def filter(stage, params: Params, tracker: Tracker, *, filter: str, shards: list[str], out: str,
+           shared: str | None = None, captions: str | None = None) -> dict:
+    from ..capfilt.filter import score_shards
+
+    captions = None if captions is None or skipped(captions) else captions
+    tracker.log_datasets(datasets(shards, "input"))
+    return score_shards(params.filter, _model(params, filter, shared, "filter"), shards, captions, out,
+                        tracker=tracker)
+
+
+def assemble(stage, params: Params, tracker: Tracker, *, human: list[str], web: list[str], scores: str, out: str,
+             stats: str | None = None) -> dict:
+    from ..capfilt.assemble import assemble as assemble_shards
+
+    result = assemble_shards(params.assemble, human, web, scores, out, tracker=tracker)
+    result = {k: v for k, v in result.items() if k != "run"}
+    if stats:
+        write_json(stats, result)
+    tracker.log_metrics(numeric(result, "dataset/"))
+    tracker.log_datasets([*datasets(human, "input"), *datasets(web, "input"), *datasets(out, "output")])
+    return result
+
+
+def filter_quality(stage, params: Params, tracker: Tracker, *, scores: str, web: list[str], out: str) -> dict:
+    from ..evaluate.filter_quality import evaluate_filter
+
+    m = evaluate_filter(scores, web, threshold=params.assemble.threshold)
+    write_json(out, m)
+    tracker.log_metrics(numeric(m, "filter_quality/"))
+    return {k: m[k] for k in ("precision", "recall", "auc", "drop_rate")}
