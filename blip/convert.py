@@ -10,18 +10,23 @@
 Traps handled here (blip-facts §3.4): transformers' text heads default to 8 and vision
 LayerNorm eps to 1e-5, and its LM label smoothing defaults to 0 — the generated configs set all
 three from ours.
+
+A transformers export (:func:`save_hf`) also carries the processor — the image processor doing
+our eval transform and the tokenizer — so ``AutoProcessor`` and ``pipeline`` load it as is.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
 import torch
 
 from .checkpoint import load_weights
+from .data.transforms import CLIP_MEAN, CLIP_STD
 from .model.blip import BlipBase, BlipCaptioner, BlipRetrieval
-from .model.config import BlipConfig, TextConfig, VisionConfig
+from .model.config import BlipConfig, GenerationConfig, TextConfig, VisionConfig
 
 # ours (official) -> transformers, applied in order to keys under "visual_encoder."
 _VISION_RULES = [
@@ -69,7 +74,8 @@ def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def hf_config(cfg: BlipConfig):
     """A ``transformers.BlipConfig`` equivalent to ours (heads, eps, smoothing set explicitly)."""
-    from transformers import BlipConfig as HFBlipConfig, BlipTextConfig, BlipVisionConfig
+    from transformers import BlipConfig as HFBlipConfig
+    from transformers import BlipTextConfig, BlipVisionConfig
 
     t, v = cfg.text, cfg.vision
     text = BlipTextConfig(
@@ -165,12 +171,122 @@ def from_hf_retrieval(hf_model) -> BlipRetrieval:
     return _from_hf(hf_model, BlipRetrieval)
 
 
+def hf_image_processor(cfg: BlipConfig):
+    """transformers' BLIP image processor doing our eval transform (``data.transforms.EvalTransform``
+    then ``normalize``): RGB (alpha on white), resize to (image_size, image_size) without crop,
+    PIL bicubic, /255, CLIP mean/std.
+
+    Built on the PIL backend, whose resize is PIL's own and so bit-exact with ours. The saved file
+    does not record a backend: ``AutoProcessor``/``AutoImageProcessor`` pick torchvision when it is
+    installed, whose uint8 bicubic rounds differently — at most one grey level, i.e.
+    ``1 / 255 / min(std)`` ≈ 0.015 after normalisation. ``backend="pil"`` at load time is exact.
+    """
+    from transformers import BlipImageProcessorPil
+    from transformers.image_utils import PILImageResampling
+
+    s = cfg.vision.image_size
+    return BlipImageProcessorPil(
+        do_resize=True, size={"height": s, "width": s}, resample=PILImageResampling.BICUBIC,
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD), do_convert_rgb=True,
+    )
+
+
+def hf_tokenizer(tokenizer, model_max_length: int | None = None):
+    """Our tokenizer as transformers' ``BertTokenizer`` (its fast tokenizer; ``BertTokenizerFast`` is
+    the same class in transformers 5), with BLIP's specials: [PAD] [UNK] [CLS] [SEP] [MASK],
+    bos = [DEC] (the id BLIP's ``generate`` writes at position 0) and [ENC] as an extra special.
+
+    ``BertTokenizer`` rebuilds the normaliser, pre-tokeniser and [CLS] $A [SEP] template from the
+    vocabulary, so it is checked against ours on every vocabulary word and the prompt; a tokenizer
+    it cannot reproduce (e.g. cased) is exported as is (``tokenizer_class`` TokenizersBackend).
+    """
+    from transformers import BertTokenizer
+
+    vocab = dict(tokenizer.hf.get_vocab())
+    bert = BertTokenizer(
+        vocab=vocab, do_lower_case=True, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+        cls_token="[CLS]", mask_token="[MASK]" if "[MASK]" in vocab else None, bos_token="[DEC]",
+        extra_special_tokens=["[ENC]"],
+    )
+    words = [w for w in sorted(vocab, key=vocab.get) if not (w.startswith("[") and w.endswith("]"))]
+    probes = ["a picture of ", " ".join(words), "A Picture of DOGS, café! 日本", "[DEC] [ENC] x"]
+    same = all(bert(t)["input_ids"] == tokenizer.hf(t)["input_ids"] for t in probes) and all(
+        getattr(bert, f"{n}_token_id") == getattr(tokenizer, f"{n}_token_id") for n in ("pad", "cls", "sep", "bos")
+    )
+    out = bert if same else copy.deepcopy(tokenizer.hf)
+    if model_max_length is not None:
+        out.model_max_length = model_max_length  # longer inputs would overrun the position embeddings
+    return out
+
+
+def hf_generation_config(cfg: BlipConfig, gen: GenerationConfig | None = None):
+    """transformers ``GenerationConfig`` for our captioning defaults (beam 3, max 20, min 5; the
+    lengths count the prompt, as BLIP's and transformers' do)."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    gen = gen or GenerationConfig()
+    t = cfg.text
+    return HFGenerationConfig(
+        do_sample=gen.method == "nucleus", top_p=gen.top_p if gen.method == "nucleus" else None,
+        num_beams=gen.num_beams if gen.method == "beam" else 1, max_length=gen.max_length,
+        min_length=gen.min_length, repetition_penalty=gen.repetition_penalty, length_penalty=gen.length_penalty,
+        bos_token_id=t.bos_token_id, eos_token_id=t.sep_token_id, pad_token_id=t.pad_token_id,
+    )
+
+
 def save_hf(model: BlipBase, directory: str | Path, kind: str = "captioner", tokenizer=None) -> Path:
-    """Save a transformers-format model (``save_pretrained``) usable with ``transformers`` directly."""
-    hf = {"captioner": to_hf_captioner, "retrieval": to_hf_retrieval}[kind](model)
+    """Save a transformers-format model (``save_pretrained``) usable with ``transformers`` directly.
+
+    Writes ``config.json`` + ``model.safetensors`` and the image processor (our eval transform,
+    :func:`hf_image_processor`); with ``tokenizer`` the two as one ``BlipProcessor``
+    (``processor_config.json`` + tokenizer files, :func:`hf_tokenizer`), so that
+    ``AutoProcessor.from_pretrained(directory)`` and ``pipeline`` load it as is. ``kind="captioner"``
+    also writes ``generation_config.json``: our defaults (beam search, 3 beams, lengths 5..20).
+
+    Captioning with the text of :meth:`BlipCaptioner.caption` (its default beam search)::
+
+        from transformers import AutoProcessor, pipeline
+        pipe = pipeline("image-text-to-text", model=directory,
+                        processor=AutoProcessor.from_pretrained(directory, backend="pil"),
+                        num_beams=3, max_length=20, min_length=5)  # = generation_config.json
+        pipe(images=image, text="a picture of ", return_full_text=False)[0]["generated_text"].strip()
+        # greedy: pipe(..., generate_kwargs={"num_beams": 1})
+
+    Why each argument (transformers 5 behaviours): BLIP's ``generate`` hands everything to its text
+    decoder, whose own generation config never sees ``generation_config.json`` — a bare pipeline
+    decodes greedily, 20 new tokens, no minimum length (``generation_config=GenerationConfig.
+    from_pretrained(directory)`` also works, with a deprecation warning). The pipeline requires
+    ``text``: the prompt, tokenised [CLS] a picture of [SEP], of which BLIP's ``generate`` turns
+    [CLS] into [DEC] and drops [SEP]. ``backend="pil"`` makes the pixels bit-exact with our eval
+    transform (the default torchvision backend is within one grey level). ``return_full_text=False``
+    drops the prompt (the full text has it twice-spaced: "a picture of  dog"). Transformers 5 has
+    no ``"image-to-text"`` pipeline any more: the name warns and builds this one (``text`` needed).
+
+    Retrieval: transformers' ``BlipForImageTextRetrieval`` feeds ``input_ids`` as given; for ITM put
+    [ENC] (``processor.tokenizer.convert_tokens_to_ids("[ENC]")``) at position 0 as BLIP does; ITC
+    (``use_itm_head=False``) takes the processor's [CLS] ids as they are.
+    """
+    converters = {"captioner": to_hf_captioner, "retrieval": to_hf_retrieval}
+    if kind not in converters:
+        raise ValueError(f"kind={kind!r}: use one of {sorted(converters)}")
+    if tokenizer is not None and len(tokenizer) > model.cfg.text.vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's text.vocab_size is {model.cfg.text.vocab_size}; "
+            "pass the tokenizer the model was trained with"
+        )
+    hf = converters[kind](model)
+    if kind == "captioner":
+        hf.generation_config = hf_generation_config(model.cfg)
     hf.save_pretrained(str(directory))
-    if tokenizer is not None:
-        tokenizer.hf.save_pretrained(str(directory))
+    image_processor = hf_image_processor(model.cfg)
+    if tokenizer is None:  # no tokenizer to pair it with: AutoImageProcessor loads, AutoProcessor cannot
+        image_processor.save_pretrained(str(directory))
+        return Path(directory)
+    from transformers import BlipProcessor
+
+    text = hf_tokenizer(tokenizer, model_max_length=model.cfg.text.max_position_embeddings)
+    BlipProcessor(image_processor=image_processor, tokenizer=text).save_pretrained(str(directory))
     return Path(directory)
 
 

@@ -86,3 +86,16 @@ def toy_pairs(n: int, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, list
         caps.append(f"{words[0]} left of {words[1]}")
     x = torch.stack(imgs) / 255.0
     return (x - 0.5) / 0.25, caps
+
+
+def micro_preset(tokenizer) -> BlipConfig:
+    """The ``tiny`` preset shrunk to one 32-wide layer per tower and 32 px images, for a trained
+    tokenizer's vocabulary and special ids (checkpoint and tracking tests)."""
+    from blip.model.config import load_preset
+
+    return load_preset(
+        "tiny", vision={"image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "heads": 2},
+        text={**tokenizer.special_ids, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "intermediate_size": 64, "max_position_embeddings": 40},
+        embed_dim=16, queue_size=8,
+    )

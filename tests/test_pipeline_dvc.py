@@ -139,3 +139,18 @@ def _check_mlflow(repo) -> None:
     hf = {a.path for a in client.list_artifacts(children["finetune_captioner"].info.run_id, "model-hf")}
     assert "model-hf/config.json" in hf
     assert children["evaluate@capfilt"].data.metrics["test/r_mean"] >= 0
+
+    # the runs table's Dataset column: what each stage read and wrote, with DVC's versions as digests
+    def inputs(stage):
+        return {(d.dataset.name, next(t.value for t in d.tags if t.key == "mlflow.data.context")): d.dataset.digest
+                for d in client.get_run(children[stage].info.run_id).inputs.dataset_inputs}
+
+    assert {("web", "training"), ("human", "training")} <= set(inputs("pretrain"))
+    assert inputs("repretrain")[("bootstrapped", "training")] == lock_md5(repo, "data/capfilt/dataset")
+    assert {("human", "input"), ("web", "input"), ("bootstrapped", "output")} <= set(inputs("assemble"))
+    assert {("test", "evaluation"), ("zeroshot", "evaluation")} <= set(inputs("evaluate@capfilt"))
+    # the captioner and the filter as registered model versions tagged with the bootstrap's factors
+    for name, stage in (("blip-captioner", "finetune_captioner"), ("blip-filter", "finetune_filter")):
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert [v.run_id for v in versions] == [children[stage].info.run_id], name
+        assert versions[0].tags["capfilt.parts"] == "both" and versions[0].tags["model.sharing"] == "all_except_sa"

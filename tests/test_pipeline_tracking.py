@@ -14,8 +14,8 @@ import sys
 import pytest
 
 from blip.params import Params, from_dict
-from blip.track import DatasetRef
 from blip.pipeline import tracking
+from blip.track import DatasetRef
 
 PARAMS = {
     "capfilt": {"parts": "both", "decoding": "nucleus", "models": "decoupled"},
@@ -59,19 +59,14 @@ def runs_of(client, experiment: str) -> list:
 def checkpoint(tmp_path_factory):
     """A tiny captioner checkpoint dir with its tokenizer."""
     import torch
+    from helpers_model import micro_preset
 
     from blip.checkpoint import save_model
     from blip.model.blip import BlipCaptioner
-    from blip.model.config import load_preset
     from blip.tokenizer import build_tokenizer
 
     tok = build_tokenizer(["a red square left of a blue circle", "a small green triangle"] * 5, vocab_size=80)
-    cfg = load_preset(
-        "tiny", vision={"image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "heads": 2},
-        text={**tok.special_ids, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-              "intermediate_size": 64, "max_position_embeddings": 40},
-        embed_dim=16, queue_size=8,
-    )
+    cfg = micro_preset(tok)
     torch.manual_seed(0)
     return save_model(BlipCaptioner(cfg), tmp_path_factory.mktemp("ckpt") / "captioner", tokenizer=tok)
 

@@ -17,6 +17,7 @@ recorded, exactly as written in ``params.yaml``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -334,7 +335,12 @@ class StageTracker:
         from . import mlflow_assets
 
         lock = self.root / "dvc.lock"
-        refs = [(d.name, d.path, d.digest or mlflow_assets.dataset_digest(d.path, lock), d.context) for d in datasets]
+        refs = []
+        for d in datasets:
+            if d.digest is None and not Path(d.path).exists():  # a brace pattern or a list of shards
+                log.warning("mlflow: dataset %s: %s is not a folder; recorded without a content digest", d.name, d.path)
+                d = DatasetRef(d.name, d.path, d.context, hashlib.md5(d.path.encode()).hexdigest())
+            refs.append((d.name, d.path, d.digest or mlflow_assets.dataset_digest(d.path, lock), d.context))
         mlflow_assets.log_datasets(self.client, self.run_id, refs)
 
     def set_parent_tags(self, tags: dict[str, Any]) -> None:
