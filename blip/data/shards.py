@@ -82,9 +82,7 @@ def resolve_shards(spec) -> list[str]:
     Raises ``FileNotFoundError`` naming the spec when a folder holds no tar, so an empty dataset
     never silently trains on nothing.
     """
-    from webdataset.shardlists import (
-        expand_urls,  # brace expansion as webdataset does it
-    )
+    from braceexpand import braceexpand  # what webdataset expands with (without importing it: torch)
 
     if isinstance(spec, (str, os.PathLike)):
         parts = str(spec).split("::")
@@ -98,7 +96,7 @@ def resolve_shards(spec) -> list[str]:
                 raise FileNotFoundError(f"no *.tar shards in folder {part!r}; generate or import data into it first")
             urls += found
         else:
-            urls += expand_urls(part)
+            urls += list(braceexpand(part))
     if not urls:
         raise FileNotFoundError(f"no shards found for {spec!r}")
     return urls
