@@ -23,8 +23,7 @@ import torch  # noqa: E402
 
 from blip.convert import to_hf_captioner, to_hf_retrieval  # noqa: E402
 from blip.model.blip import BlipCaptioner, BlipRetrieval  # noqa: E402
-from blip.model.config import load_preset  # noqa: E402
-from blip.model.config import GenerationConfig  # noqa: E402
+from blip.model.config import GenerationConfig, load_preset  # noqa: E402
 from blip.model.scoring import itm_scores  # noqa: E402
 
 BATCH = {"tiny": 32, "small": 16, "base": 16, "large": 8}

@@ -20,11 +20,6 @@ def rank() -> int:
     return tdist.get_rank() if is_initialized() else 0
 
 
-def is_main_process() -> bool:
-    """Rank 0 (also when launched by torchrun before the process group exists)."""
-    return rank() == 0 if is_initialized() else int(os.environ.get("RANK", "0")) == 0
-
-
 def bf16_enabled(setting: bool | str, device: torch.device) -> bool:
     """``auto`` → bfloat16 autocast where the hardware computes it natively (CUDA with bf16,
     CPUs with AVX512-BF16/AMX); elsewhere emulated bf16 would be slower than float32."""

@@ -2,7 +2,8 @@
 
 Everything that reads parameters goes through here — the stage commands (``--set``), the Prefect
 flow (deployment parameters), DVC's ``dvc exp run -S`` edits the same file — so a dotted key is
-parsed once (:func:`parse_overrides`), a mapping becomes a dataclass once (:func:`build`), and the
+parsed once (:func:`parse_overrides`), a mapping becomes a dataclass through one builder
+(:func:`blip.typed.build`), and the
 rules that derive one key from another live in one place (:func:`_derive`):
 
 - ``caption.method`` is ``capfilt.decoding`` (Table 2);
@@ -22,31 +23,27 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
 from .capfilt.config import METHODS, PARTS, AssembleConfig, CaptionConfig, FilterConfig
 from .data.generator import GenerateConfig
 from .model.config import PRESETS, SHARING_STRATEGIES, BlipConfig, load_preset
-from .train.config import TrainConfig
-
-T = TypeVar("T")
+from .train.config import JOBS, TrainConfig
+from .typed import ConfigError, build
 
 CAPFILT_MODELS = ("decoupled", "shared")  # Table 4
 FACTORS = ("capfilt.parts", "capfilt.decoding", "capfilt.models", "model.sharing")  # the ablation factors
-TRAIN_SECTIONS = ("pretrain", "finetune_captioner", "finetune_filter", "finetune_shared", "repretrain")
+TRAIN_SECTIONS = tuple(JOBS)  # a training section trains the job of its name
 # keys another key decides; writing them by hand would contradict it
 DERIVED = {"caption.method": "capfilt.decoding", "assemble.use_filter": "capfilt.parts",
            "assemble.use_captioner": "capfilt.parts", **{f"{s}.job": f"the section's name ({s})" for s in TRAIN_SECTIONS}}
 
 
-class ParamsError(ValueError):
-    """A parameter is missing, unknown or of the wrong type/value (the message names the key)."""
+ParamsError = ConfigError  # a parameter is missing, unknown or of the wrong type/value (names the key)
 
 
 # -- the sections that belong to the pipeline (the engines' sections live beside their engines) -------
@@ -269,69 +266,9 @@ def _derive(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def build(cls: type[T], d: dict[str, Any], where: str = "") -> T:
-    """Dataclass ``cls`` from mapping ``d`` — the one dict→dataclass builder of the project.
-    Nested dataclass fields are built recursively; unknown keys, wrong types and the dataclass's own
-    checks (allowed values) fail with a :class:`ParamsError` naming ``where.key``."""
-    if not isinstance(d, dict):
-        raise ParamsError(f"{where or cls.__name__} must be a mapping, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for k, v in d.items():
-        key = f"{where}.{k}" if where else str(k)
-        if k not in fields:
-            raise ParamsError(f"unknown key {key}; allowed keys: {', '.join(sorted(f for f in fields if f != 'raw'))}")
-        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
-            kwargs[k] = build(hints[k], v, key)
-            continue
-        try:
-            _check_type(key, v, hints[k])
-        except TypeError as e:
-            raise ParamsError(str(e)) from None
-        kwargs[k] = v
-    try:
-        return cls(**kwargs)
-    except ParamsError:
-        raise
-    except (ValueError, TypeError) as e:  # the dataclass's own checks
-        raise ParamsError(f"{where or cls.__name__}: {e}") from None
-
-
 def _allowed(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} unknown; use one of {allowed}")
-
-
-def _check_type(key: str, value: Any, hint: Any) -> None:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        for opt in options:
-            try:
-                _check_type(key, value, opt)
-                return
-            except TypeError:
-                continue
-        raise TypeError(f"{key}={value!r}: expected one of {[getattr(o, '__name__', str(o)) for o in options]}")
-    if hint is type(None):
-        ok = value is None
-    elif hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint in (str, bool):
-        ok = isinstance(value, hint)
-    elif origin in (list, tuple) or hint in (list, tuple):
-        ok = isinstance(value, (list, tuple))
-    elif origin is dict or hint is dict:
-        ok = isinstance(value, dict)
-    elif dataclasses.is_dataclass(hint):
-        ok = False  # a section given as something other than a mapping
-    else:
-        ok = True
-    if not ok:
-        raise TypeError(f"{key}={value!r}: expected {getattr(hint, '__name__', str(hint))}")
 
 
 # -- editing the file in place ---------------------------------------------------------------------

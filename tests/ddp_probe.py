@@ -8,11 +8,11 @@ import os
 import sys
 
 import torch
+from helpers_model import micro_config, text_inputs
 
 from blip import dist
 from blip.model.blip import BlipPretrain
 from blip.train.optim import param_groups
-from helpers_model import micro_config, text_inputs
 
 
 def main(out: str, steps: int = 3) -> None:

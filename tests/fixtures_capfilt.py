@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from blip.checkpoint import save_model
-from blip.data.generator import GenerateConfig, generate
 from blip.data.corpus import caption_corpus
+from blip.data.generator import GenerateConfig, generate
 from blip.data.shards import write_shard
 from blip.data.tario import RawSample, iter_shard_samples
 from blip.model.blip import BlipCaptioner, BlipRetrieval
@@ -46,8 +46,8 @@ def tiny_models(tok, seed: int):
 
 @pytest.fixture(scope="session", name="world")
 def world_fixture(tmp_path_factory) -> World:
-    from blip.capfilt.config import CaptionConfig, FilterConfig
     from blip.capfilt.caption import caption_shards
+    from blip.capfilt.config import CaptionConfig, FilterConfig
     from blip.capfilt.filter import score_shards
 
     root = tmp_path_factory.mktemp("capfilt")
@@ -103,8 +103,8 @@ def temporaries(folder: Path) -> list[str]:
 @pytest.fixture(scope="session", name="damaged_results")
 def damaged_results_fixture(world, damaged) -> tuple[Path, Path, dict, dict]:
     """(captions dir, scores dir, caption summary, filter summary) of the damaged web copy."""
-    from blip.capfilt.config import CaptionConfig, FilterConfig
     from blip.capfilt.caption import caption_shards
+    from blip.capfilt.config import CaptionConfig, FilterConfig
     from blip.capfilt.filter import score_shards
 
     caps, scores = damaged.parent / "captions", damaged.parent / "scores"

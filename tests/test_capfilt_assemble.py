@@ -21,10 +21,10 @@ from fixtures_capfilt import (  # noqa: F401
     world_fixture,
 )
 
-from blip.capfilt.config import PARTS, AssembleConfig
 from blip.capfilt.assemble import assemble
-from blip.data.shards import count_shards, resolve_shards
+from blip.capfilt.config import PARTS, AssembleConfig
 from blip.data.loader import make_loader
+from blip.data.shards import count_shards, resolve_shards
 from blip.params import ParamsError, build
 
 NAMES = ["00000.parquet", "00001.parquet", "00002.parquet"]

@@ -19,10 +19,10 @@ from fixtures_capfilt import (  # noqa: F401
     world_fixture,
 )
 
-from blip.capfilt.config import CaptionConfig
 from blip.capfilt.caption import caption_shards
-from blip.capfilt.shardwork import read_record
+from blip.capfilt.config import CaptionConfig
 from blip.capfilt.models import resolve_device
+from blip.capfilt.shardwork import read_record
 from blip.checkpoint import save_model
 from blip.data.loader import make_loader
 from blip.params import ParamsError, build

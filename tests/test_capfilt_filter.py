@@ -17,8 +17,8 @@ from fixtures_capfilt import (  # noqa: F401
 )
 
 from blip.capfilt.config import FilterConfig
-from blip.capfilt.selection import decide, select
 from blip.capfilt.filter import score_shards
+from blip.capfilt.selection import decide, select
 from blip.checkpoint import load_model
 from blip.data.loader import make_loader
 from blip.model.scoring import image_embeddings, itm_scores, text_embeddings

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from blip.cli import main
 from blip import params as params_module
+from blip.cli import main
 from blip.params import TRAIN_SECTIONS, ParamsError, apply_overrides, parse_overrides
 from blip.train.config import TrainConfig
 

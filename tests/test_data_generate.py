@@ -13,7 +13,13 @@ from blip.data.generator import SPLITS, GenerateConfig, generate, make_sample
 from blip.data.grammar import vocabulary
 from blip.data.labels import noise_labels
 from blip.data.noise import NOISE_KINDS, noise_plan
-from blip.data.world import TRAIN_BACKGROUNDS, ZEROSHOT_BACKGROUNDS, WorldConfig, sample_rngs, sample_scene
+from blip.data.world import (
+    TRAIN_BACKGROUNDS,
+    ZEROSHOT_BACKGROUNDS,
+    WorldConfig,
+    sample_rngs,
+    sample_scene,
+)
 
 
 def _files(root):

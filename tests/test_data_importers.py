@@ -9,7 +9,11 @@ from fixtures_data import image_bytes, sample, write_raw_tar
 from pycocotools.coco import COCO
 
 from blip.data.__main__ import main
-from blip.data.importers import import_coco_karpathy, import_flickr_karpathy, inspect_shards
+from blip.data.importers import (
+    import_coco_karpathy,
+    import_flickr_karpathy,
+    inspect_shards,
+)
 from blip.data.labels import noise_labels
 from blip.data.loader import make_loader
 

@@ -3,7 +3,13 @@
 import torch
 from fixtures_data import SMALL_WORLD, small_world_fixture  # noqa: F401 (fixture)
 
-from blip.data.loader import BlipLoader, LoaderConfig, epoch_shard_order, make_loader, unit_shards
+from blip.data.loader import (
+    BlipLoader,
+    LoaderConfig,
+    epoch_shard_order,
+    make_loader,
+    unit_shards,
+)
 from blip.data.shards import resolve_shards
 from blip.data.transforms import CLIP_MEAN, CLIP_STD
 

@@ -7,7 +7,12 @@ import torch
 from PIL import Image
 
 from blip.data.randaugment import BLIP_OPS, RandomAugment, apply_op
-from blip.data.transforms import EvalTransform, TrainTransform, normalize, random_resized_crop_box
+from blip.data.transforms import (
+    EvalTransform,
+    TrainTransform,
+    normalize,
+    random_resized_crop_box,
+)
 
 
 def _img(w=64, h=48):

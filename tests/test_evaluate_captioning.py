@@ -13,11 +13,15 @@ from fixtures_data import small_world_fixture  # noqa: F401
 from blip.data.corpus import caption_corpus
 from blip.data.layout import gt_path
 from blip.data.loader import make_loader
-from blip.evaluate.captioning import caption_metrics, evaluate_captioning, java_available, load_gts
-from blip.evaluate.captioning import simple_tokenize
+from blip.evaluate.captioning import (
+    caption_metrics,
+    evaluate_captioning,
+    java_available,
+    load_gts,
+    simple_tokenize,
+)
 from blip.model.blip import BlipCaptioner
-from blip.model.config import GenerationConfig
-from blip.model.config import load_preset
+from blip.model.config import GenerationConfig, load_preset
 from blip.tokenizer import build_tokenizer
 
 JAVA = java_available()

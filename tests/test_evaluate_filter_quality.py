@@ -13,7 +13,12 @@ import pytest
 from fixtures_data import small_world_fixture  # noqa: F401
 
 from blip.data.labels import noise_labels
-from blip.evaluate.filter_quality import evaluate_filter, filter_metrics, load_filter_scores, roc_auc
+from blip.evaluate.filter_quality import (
+    evaluate_filter,
+    filter_metrics,
+    load_filter_scores,
+    roc_auc,
+)
 
 
 def pairwise_auc(scores, positive):

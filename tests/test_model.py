@@ -6,17 +6,21 @@ import json
 
 import pytest
 import torch
+from helpers_model import micro_config, perturb_, text_inputs
 
 from blip.checkpoint import load_model, save_model
 from blip.convert import from_official, load_official_file
-from blip.model.config import SHARING_STRATEGIES, load_preset
+from blip.model import losses
 from blip.model.blip import BlipCaptioner, BlipPretrain, BlipRetrieval
-from blip.model.config import GenerationConfig
+from blip.model.config import (
+    SHARING_STRATEGIES,
+    BlipConfig,
+    GenerationConfig,
+    load_preset,
+)
 from blip.model.med import Role
 from blip.model.scoring import itm_scores
-from blip.model import losses
-from blip.model.config import BlipConfig
-from helpers_model import micro_config, perturb_, text_inputs
+from blip.typed import ConfigError
 
 
 def _img(n, size=32, seed=0):
@@ -120,9 +124,9 @@ def test_base_parameter_counts_match_paper_table3(strategy, millions):
 def test_unknown_sharing_strategy_and_config_key_fail_by_name():
     with pytest.raises(ValueError, match="all_except_sa"):
         load_preset("tiny", sharing="some")
-    with pytest.raises(KeyError, match="text.hidden"):
+    with pytest.raises(ConfigError, match="text.hidden"):
         BlipConfig.from_dict({"text": {"hidden": 3}})
-    with pytest.raises(KeyError, match="huge"):
+    with pytest.raises(ConfigError, match="huge"):
         load_preset("huge")
 
 

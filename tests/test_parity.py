@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_model import micro_config, perturb_, text_inputs
 
-from blip.convert import from_hf_captioner, from_hf_retrieval, to_hf_captioner, to_hf_retrieval
+from blip.convert import (
+    from_hf_captioner,
+    from_hf_retrieval,
+    to_hf_captioner,
+    to_hf_retrieval,
+)
+from blip.model import losses
 from blip.model.blip import BlipCaptioner, BlipRetrieval
 from blip.model.config import GenerationConfig
-from blip.model import losses
-from helpers_model import micro_config, perturb_, text_inputs
 
 ATOL = 1e-5
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_model import micro_config
 from safetensors.torch import load_file
 
 from blip.checkpoint import load_model
-from blip.data.generator import GenerateConfig, generate
 from blip.data.corpus import caption_corpus
+from blip.data.generator import GenerateConfig, generate
 from blip.model.blip import BlipPretrain
 from blip.model.config import load_preset
 from blip.tokenizer import build_tokenizer
@@ -24,7 +25,6 @@ from blip.track import MemoryTracker
 from blip.train.config import TrainConfig
 from blip.train.optim import lr_at, param_groups
 from blip.train.trainer import train
-from helpers_model import micro_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

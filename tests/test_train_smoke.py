@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from helpers_model import toy_pairs
 
 from blip.model.blip import BlipPretrain
 from blip.model.config import load_preset
 from blip.tokenizer import build_tokenizer
-from helpers_model import toy_pairs
 
 
 def test_thirty_steps_lower_each_loss():

@@ -82,7 +82,9 @@ def resolve_shards(spec) -> list[str]:
     Raises ``FileNotFoundError`` naming the spec when a folder holds no tar, so an empty dataset
     never silently trains on nothing.
     """
-    from braceexpand import braceexpand  # what webdataset expands with (without importing it: torch)
+    from braceexpand import (
+        braceexpand,  # what webdataset expands with (without importing it: torch)
+    )
 
     if isinstance(spec, (str, os.PathLike)):
         parts = str(spec).split("::")

@@ -22,9 +22,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..capfilt.config import DEFAULT_THRESHOLD
+
 _log = logging.getLogger("blip.evaluate")
 
-DEFAULT_THRESHOLD = 0.5
 
 
 def roc_auc(scores, positive) -> float:

@@ -1,7 +1,7 @@
 """Typed model configs and the size presets (``tiny``, ``small``, ``base``, ``large``).
 
 Presets are data (``presets/*.json``) mapped onto these dataclasses, as in open_clip. Every
-dataclass is built through :func:`from_dict`, which rejects unknown keys by name, so a typo in a
+dataclass is built through :func:`blip.typed.build`, which rejects unknown keys by name, so a typo in a
 preset or in ``params.yaml`` fails at load time instead of being silently ignored.
 """
 
@@ -11,9 +11,9 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+from ..typed import ConfigError, build
 
 SHARING_STRATEGIES = ("all", "all_except_ca", "all_except_sa", "none")
 PRESETS = ("tiny", "small", "base", "large")
@@ -102,7 +102,8 @@ class BlipConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BlipConfig":
-        return from_dict(cls, d)
+        """Build from a mapping (a preset, a checkpoint's config.json); unknown keys fail by name."""
+        return build(cls, d)
 
 
 @dataclass
@@ -129,25 +130,6 @@ class GenerationConfig:
         return cls(method="nucleus", **{"repetition_penalty": 1.1, **kw})
 
 
-def from_dict(cls: type[T], d: dict[str, Any], where: str = "") -> T:
-    """Build dataclass ``cls`` from ``d``; unknown keys raise with the key's dotted name."""
-    if not isinstance(d, dict):
-        raise TypeError(f"config section {where or cls.__name__!r} must be a mapping, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        name = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise KeyError(f"unknown config key {name!r}; allowed keys: {sorted(fields)}")
-    kwargs = {}
-    for k, v in d.items():
-        ftype = fields[k].type
-        sub = {"VisionConfig": VisionConfig, "TextConfig": TextConfig}.get(
-            ftype if isinstance(ftype, str) else getattr(ftype, "__name__", "")
-        )
-        kwargs[k] = from_dict(sub, v, f"{where}.{k}" if where else k) if sub else v
-    return cls(**kwargs)
-
-
 def load_preset(name: str, **overrides: Any) -> BlipConfig:
     """Load a size preset and apply overrides.
 
@@ -155,7 +137,7 @@ def load_preset(name: str, **overrides: Any) -> BlipConfig:
     ``load_preset("tiny", text={"vocab_size": 1200}, queue_size=256)``.
     """
     if name not in PRESETS:
-        raise KeyError(f"unknown model preset {name!r}; choose one of {PRESETS}")
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {PRESETS}")
     d = json.loads(resources.files("blip.model").joinpath(f"presets/{name}.json").read_text())
     for k, v in overrides.items():
         if isinstance(v, dict) and isinstance(d.get(k), dict):

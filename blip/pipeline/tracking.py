@@ -299,7 +299,7 @@ class StageTracker:
         processor) under ``name-hf/``. With a ``role`` (captioner | filter) it also becomes an MLflow
         model (pyfunc that captions / scores images) linked to this run, and with ``register`` a
         version of that registered model, tagged with the bootstrap's factors."""
-        from . import mlflow_assets
+        from .mlflow_models import log_blip_model
 
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -311,7 +311,7 @@ class StageTracker:
             self._log_hf(path, f"{name}-hf")
         if role is not None:
             tags = {**self.factors, "blip.stage": self.stage, "blip.bootstrap_run_id": self.parent_run_id}
-            mlflow_assets.log_blip_model(self.client, self.run_id, path, role=role, registered_name=register,
+            log_blip_model(self.client, self.run_id, path, role=role, registered_name=register,
                                          tags=tags)
 
     def _log_hf(self, path: Path, name: str) -> None:
@@ -332,7 +332,7 @@ class StageTracker:
     def log_datasets(self, datasets: list[DatasetRef]) -> None:
         """Record datasets this stage read or wrote as MLflow dataset inputs (the runs table's Dataset
         column); the digest is ``dvc.lock``'s md5 where DVC versions the folder, else a fingerprint."""
-        from . import mlflow_assets
+        from .mlflow_datasets import dataset_digest, log_datasets
 
         lock = self.root / "dvc.lock"
         refs = []
@@ -340,8 +340,8 @@ class StageTracker:
             if d.digest is None and not Path(d.path).exists():  # a brace pattern or a list of shards
                 log.warning("mlflow: dataset %s: %s is not a folder; recorded without a content digest", d.name, d.path)
                 d = DatasetRef(d.name, d.path, d.context, hashlib.md5(d.path.encode()).hexdigest())
-            refs.append((d.name, d.path, d.digest or mlflow_assets.dataset_digest(d.path, lock), d.context))
-        mlflow_assets.log_datasets(self.client, self.run_id, refs)
+            refs.append((d.name, d.path, d.digest or dataset_digest(d.path, lock), d.context))
+        log_datasets(self.client, self.run_id, refs)
 
     def set_parent_tags(self, tags: dict[str, Any]) -> None:
         _set_tags(self.client, self.parent_run_id, tags)

@@ -46,20 +46,6 @@ def evaluate(stage, params: Params, tracker: Tracker, *, data: str, out: str, re
     return metrics
 
 
-def _dataset_md5(lock_path: Path, out: str) -> str | None:
-    """The md5 ``dvc.lock`` records for output ``out`` (the bootstrapped dataset's version)."""
-    import yaml
-
-    if not lock_path.is_file():
-        return None
-    lock = yaml.safe_load(lock_path.read_text()) or {}
-    for entry in (lock.get("stages") or {}).values():
-        for o in entry.get("outs") or []:
-            if o.get("path", "").rstrip("/") == out.rstrip("/"):
-                return o.get("md5")
-    return None
-
-
 def _factors_line(params: Params) -> str:
     cf, mp = params.capfilt, params.model
     return (f"CapFilt parts **{cf.parts}**, decoding **{cf.decoding}**, captioner/filter **{cf.models}**, "
@@ -71,6 +57,7 @@ def report(stage, params: Params, tracker: Tracker, *, metrics: list[str], out: 
            json_out: str | None = None) -> dict:
     """``metrics``: ``NAME=PATH`` evaluation files, side by side in that order."""
     from ..evaluate.report import metrics_table
+    from ..pipeline.mlflow_datasets import lock_md5
 
     runs = {}
     for item in metrics:
@@ -85,7 +72,7 @@ def report(stage, params: Params, tracker: Tracker, *, metrics: list[str], out: 
         if path:
             extra[key] = json.loads(Path(path).read_text())
             parts.append(f"## {title}\n\n{metrics_table({'value': extra[key]})}\n")
-    md5 = _dataset_md5(Path(lock), dataset) if dataset else None
+    md5 = lock_md5(dataset, lock) if dataset else None  # the bootstrapped dataset's version
     times = tracker.stage_durations()
     if times:
         rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in times.items())

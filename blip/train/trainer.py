@@ -24,7 +24,7 @@ from ..checkpoint import save_model
 from ..data.loader import BlipLoader, LoaderConfig
 from ..model.config import BlipConfig
 from ..tokenizer import BlipTokenizer
-from ..track import NullTracker, Tracker
+from ..track import NullTracker, Tracker, is_main_process
 from .config import TrainConfig
 from .jobs import build_model, compute_losses
 from .optim import lr_at, param_groups, set_lr
@@ -69,7 +69,7 @@ def train(
     init_distributed(cfg.device)
     device = dist.resolve_device(cfg.device)
     world, rank = dist.world_size(), dist.rank()
-    main = dist.is_main_process()
+    main = is_main_process()
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model, tok = build_model(cfg, init, model_cfg, tokenizer)

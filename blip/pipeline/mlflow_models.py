@@ -1,18 +1,12 @@
-"""Datasets and models as MLflow 3 entities, so the UI shows what each run read and wrote.
+"""Models as MLflow 3 LoggedModels and registered versions, so the UI shows what each run trained.
 
-* Datasets become *dataset inputs* of a run (``MlflowClient.log_inputs``): the runs table's
-  **Dataset** column lists them by name and digest with their ``mlflow.data.context`` tag
-  (``training``, ``input``, ``evaluation``, ``output``; MLflow has no dataset outputs, so a
-  dataset a stage wrote is an input edge tagged ``output``). The digest is the md5 that
-  ``dvc.lock`` records for the folder — the version DVC can check out again — else a content
-  fingerprint of the folder.
-* Checkpoints become *LoggedModels* (``create_logged_model(source_run_id=...)`` + the run's
+Checkpoints become *LoggedModels* (``create_logged_model(source_run_id=...)`` + the run's
   ``log_outputs``): the runs table's **Models** column and the experiment's Models tab show them,
   each with a ``python_function`` flavour that captions images (captioner) or scores
   (image, text) pairs with ITM p(match) (filter). A version of ``blip-captioner`` / ``blip-filter``
   in the Model Registry points at the LoggedModel and carries the bootstrap's factors as tags.
 
-Why not MLflow's fluent API (``mlflow.log_input``, ``mlflow.pyfunc.log_model``,
+Why not MLflow's fluent API (``mlflow.pyfunc.log_model``,
 ``mlflow.initialize_logged_model``, ``mlflow.register_model``): each resolves the *global* tracking
 URI and active run, and the pipeline's stages log through an ``MlflowClient`` with explicit run ids
 (``tracking``'s contract). So everything here takes ``client`` and ``run_id`` and never starts,
@@ -33,18 +27,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-CONTEXTS = ("training", "input", "evaluation", "output")
+from ..track import flatten
+from .mlflow_datasets import dataset_digest
+
 ROLES = ("captioner", "filter")
 REGISTERED_NAMES = {"captioner": "blip-captioner", "filter": "blip-filter"}
-CONTEXT_TAG = "mlflow.data.context"  # mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # what the LoggedModel page reads its registered versions from
 ROLE_TAG = "blip.role"
-LOCK_FILE = "dvc.lock"
-FULL_HASH_LIMIT = 64 << 20  # files at least this large enter the fingerprint by size + mtime, not content
 _CAPTION_KEYS = ("method", "top_p", "num_beams", "max_length", "min_length", "seed", "batch_size")
 _FILTER_KEYS = ("max_length", "batch_size")
 # What the pyfunc imports when it loads (blip.capfilt.models and friends), pinned to this
@@ -54,156 +46,7 @@ PIP_PACKAGES = ("torch", "timm", "transformers", "tokenizers", "safetensors", "p
                 "pyarrow", "pyyaml")
 
 
-# -- datasets -----------------------------------------------------------------------------------------
-
-
-def find_lock(path: str | os.PathLike) -> Path | None:
-    """The ``dvc.lock`` of the nearest folder at or above ``path``, or None."""
-    p = Path(path).resolve()
-    for folder in (p, *p.parents):
-        if (folder / LOCK_FILE).is_file():
-            return folder / LOCK_FILE
-    return None
-
-
-def lock_md5(path: str | os.PathLike, lock_path: str | os.PathLike | None = None) -> str | None:
-    """The md5 ``dvc.lock`` records for ``path`` (``<md5>.dir`` for a folder), or None.
-
-    Outs win over deps (an out is the version DVC stored; a dep is what a stage last read). Lock
-    paths are relative to the lock's folder. ``lock_path`` None: :func:`find_lock`.
-    """
-    import yaml
-
-    lock = Path(lock_path) if lock_path is not None else find_lock(path)
-    if lock is None or not lock.is_file():
-        return None
-    try:
-        stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages") or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{lock} is not valid YAML ({e}); restore it with `git checkout {lock.name}`") from e
-    target = Path(path).resolve()
-    root = lock.resolve().parent
-    for kind in ("outs", "deps"):
-        for stage in stages.values():
-            for entry in (stage or {}).get(kind) or []:
-                if (isinstance(entry, dict) and entry.get("md5") and entry.get("path")
-                        and (root / entry["path"]).resolve() == target):
-                    return str(entry["md5"])
-    return None
-
-
-def _file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fingerprint(path: str | os.PathLike) -> str:
-    """md5 over the sorted ``(relative path, size, content md5)`` of every file under ``path``
-    (a file: itself); files of ``FULL_HASH_LIMIT`` bytes or more enter with their mtime instead of
-    their content, so a multi-GB shard folder is fingerprinted without reading it."""
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"cannot fingerprint {root}: no such file or folder")
-    files = [root] if root.is_file() else sorted((p for p in root.rglob("*") if p.is_file()),
-                                                 key=lambda p: p.relative_to(root).as_posix())
-    h = hashlib.md5()
-    for p in files:
-        st = p.stat()
-        rel = p.name if p == root else p.relative_to(root).as_posix()
-        content = _file_md5(p) if st.st_size < FULL_HASH_LIMIT else f"mtime:{st.st_mtime_ns}"
-        h.update(f"{rel}\0{st.st_size}\0{content}\n".encode())
-    return h.hexdigest()
-
-
-def _digest(path, lock_path=None) -> tuple[str, str]:
-    md5 = lock_md5(path, lock_path)
-    return (md5, LOCK_FILE) if md5 else (fingerprint(path), "fingerprint")
-
-
-def dataset_digest(path: str | os.PathLike, lock_path: str | os.PathLike | None = None) -> str:
-    """The md5 ``dvc.lock`` records for ``path`` (an out, else a dep), else :func:`fingerprint`."""
-    return _digest(path, lock_path)[0]
-
-
-def dataset_profile(path: str | os.PathLike) -> dict[str, int]:
-    """``files`` and ``bytes`` under ``path``, ``shards`` (``*.tar`` at its top level) and, when the
-    shard metadata has them (``sizes.json``, else each shard's img2dataset ``_stats.json``),
-    ``samples`` (images) and ``pairs`` ((image, caption) pairs: human data has several captions
-    per image)."""
-    root = Path(path)
-    files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
-    tars = sorted(root.glob("*.tar")) if root.is_dir() else []
-    out = {"files": len(files), "bytes": sum(p.stat().st_size for p in files), "shards": len(tars)}
-    if not tars:
-        return out
-    stats = [t.with_name(t.stem + "_stats.json") for t in tars]
-    if all(s.is_file() for s in stats):
-        counts = [json.loads(s.read_text(encoding="utf-8")) for s in stats]
-        out["samples"] = sum(int(c.get("successes", c.get("count", 0))) for c in counts)
-        out["pairs"] = sum(int(c.get("pairs", c.get("successes", c.get("count", 0)))) for c in counts)
-    elif (root / "sizes.json").is_file():
-        sizes = json.loads((root / "sizes.json").read_text(encoding="utf-8"))
-        out["samples"] = sum(int(sizes.get(t.name, 0)) for t in tars)
-    return out
-
-
-def _as_tuple(ref) -> tuple:
-    """``(name, path, digest, context)`` of a tuple or of an object with those attributes
-    (``blip.track.DatasetRef``)."""
-    if isinstance(ref, (tuple, list)):
-        if len(ref) != 4:
-            raise ValueError(f"dataset {ref!r}: expected (name, path, digest, context)")
-        return tuple(ref)
-    return ref.name, ref.path, ref.digest, ref.context
-
-
-def log_datasets(client, run_id: str, datasets: Iterable, lock_path=None) -> list[dict[str, str]]:
-    """Log ``datasets`` (``(name, path, digest, context)`` tuples, or ``blip.track.DatasetRef``s) as
-    the run's dataset inputs, in one ``log_inputs`` call: ``name`` as "web", "human",
-    "bootstrapped"; ``path`` a local folder or file; ``context`` one of ``CONTEXTS``; a None
-    ``digest`` is :func:`dataset_digest`'s (``lock_path``: which ``dvc.lock``). The
-    source is the local path (MLflow source type ``local``); the profile is :func:`dataset_profile`
-    plus where the digest came from. Returns ``[{name, digest, context, source}]``.
-
-    MLflow keeps one dataset per (experiment, name, digest): logging the same data again from
-    another path links the first one logged (its source and profile stay).
-    """
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    inputs, logged = [], []
-    for ref in datasets:
-        name, path, digest, context = _as_tuple(ref)
-        if context not in CONTEXTS:
-            raise ValueError(f"dataset {name!r}: context {context!r} is not one of {CONTEXTS}")
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"dataset {name!r}: {path} does not exist; run the stage that writes it first")
-        origin = "given"
-        if digest is None:
-            digest, origin = _digest(path, lock_path)
-        source = str(path.resolve())
-        profile = {**dataset_profile(path), "digest_from": origin}
-        ds = Dataset(name=name, digest=str(digest), source_type="local", source=json.dumps({"uri": source}),
-                     profile=json.dumps(profile))
-        inputs.append(DatasetInput(ds, tags=[InputTag(CONTEXT_TAG, context)]))
-        logged.append({"name": name, "digest": str(digest), "context": context, "source": source})
-    if inputs:
-        client.log_inputs(run_id, datasets=inputs)  # a list: the SQL store refuses other sequences
-    return logged
-
-
 # -- models -------------------------------------------------------------------------------------------
-
-
-def _flat(prefix: str, value: Any, out: dict[str, str]) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
-    else:
-        out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _requirements() -> list[str]:
@@ -349,7 +192,8 @@ def log_blip_model(
     meta = json.loads(config_file.read_text(encoding="utf-8"))
     tags = {str(k): str(v) for k, v in (tags or {}).items()}
     params = {"arch": str(meta.get("arch"))}
-    _flat("", meta.get("config") or {}, params)
+    params.update({k: json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+                   for k, v in flatten(meta.get("config") or {}).items()})
     defaults = _predict_defaults(role, generation)
     experiment_id = client.get_run(run_id).info.experiment_id
     model = client.create_logged_model(
@@ -489,5 +333,4 @@ def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> 
     return BlipPyfunc(data_path, dict(model_config or {}))
 
 
-__all__ = ["CONTEXTS", "REGISTERED_NAMES", "ROLES", "BlipPyfunc", "dataset_digest", "dataset_profile",
-           "find_lock", "fingerprint", "lock_md5", "log_blip_model", "log_datasets"]
+__all__ = ["REGISTERED_NAMES", "ROLES", "BlipPyfunc", "log_blip_model"]

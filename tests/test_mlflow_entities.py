@@ -1,4 +1,4 @@
-"""blip.pipeline.mlflow_assets against a real MLflow SQLite store (no mocks): datasets as run inputs,
+"""blip.pipeline.mlflow_datasets and mlflow_models against a real MLflow SQLite store (no mocks): datasets as run inputs,
 the captioner and the filter as LoggedModels with a pyfunc flavour, registry versions.
 
 One store and one tiny world per module: 4 web images in one shard, 2 human images, a
@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from blip.pipeline import mlflow_assets as ma
+from blip.pipeline import mlflow_datasets, mlflow_models
 
 FACTORS = {"capfilt.parts": "both", "capfilt.decoding": "nucleus", "capfilt.models": "decoupled",
            "model.sharing": "all_except_sa"}
@@ -107,28 +107,28 @@ def assert_untouched(client, run_id):
 
 
 def test_import_is_cheap():
-    code = "import sys, blip.pipeline.mlflow_assets; assert not {'mlflow', 'torch'} & set(sys.modules)"
+    code = "import sys, blip.pipeline.mlflow_datasets, blip.pipeline.mlflow_models; assert not {'mlflow', 'torch'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_digest_is_dvc_lock_md5_else_a_content_fingerprint(world, tmp_path):
-    assert ma.dataset_digest(world / "bootstrapped") == "22222222222222222222222222222222.dir"  # out beats dep
-    assert ma.dataset_digest(world / "gen" / "human") == "11111111111111111111111111111111.dir"  # a dep
+    assert mlflow_datasets.dataset_digest(world / "bootstrapped") == "22222222222222222222222222222222.dir"  # out beats dep
+    assert mlflow_datasets.dataset_digest(world / "gen" / "human") == "11111111111111111111111111111111.dir"  # a dep
     web = world / "gen" / "web"
-    fp = ma.dataset_digest(web)
-    assert fp == ma.fingerprint(web) and len(fp) == 32
-    assert ma.dataset_digest(world / "bootstrapped", lock_path=tmp_path / "dvc.lock") == ma.fingerprint(
+    fp = mlflow_datasets.dataset_digest(web)
+    assert fp == mlflow_datasets.fingerprint(web) and len(fp) == 32
+    assert mlflow_datasets.dataset_digest(world / "bootstrapped", lock_path=tmp_path / "dvc.lock") == mlflow_datasets.fingerprint(
         world / "bootstrapped")  # an explicit lock that does not exist: no lock
     copy = tmp_path / "web"
     shutil.copytree(web, copy)
-    assert ma.fingerprint(copy) == fp  # content, not place or mtime
+    assert mlflow_datasets.fingerprint(copy) == fp  # content, not place or mtime
     stats = copy / "00000_stats.json"
     stats.write_bytes(stats.read_bytes().replace(b'"count": 4', b'"count": 5'))
-    assert ma.fingerprint(copy) != fp
-    assert ma.dataset_profile(world / "gen" / "human") == {
-        "files": 3, "bytes": ma.dataset_profile(world / "gen" / "human")["bytes"], "shards": 1, "samples": 2,
+    assert mlflow_datasets.fingerprint(copy) != fp
+    assert mlflow_datasets.dataset_profile(world / "gen" / "human") == {
+        "files": 3, "bytes": mlflow_datasets.dataset_profile(world / "gen" / "human")["bytes"], "shards": 1, "samples": 2,
         "pairs": 10}
-    assert ma.dataset_profile(world / "bootstrapped")["samples"] == 4  # from sizes.json
+    assert mlflow_datasets.dataset_profile(world / "bootstrapped")["samples"] == 4  # from sizes.json
 
 
 def test_datasets_become_run_inputs_with_digest_and_context(world, store, tmp_path):
@@ -136,7 +136,7 @@ def test_datasets_become_run_inputs_with_digest_and_context(world, store, tmp_pa
 
     client = store
     run_id = new_run(client, tmp_path, "datasets")
-    logged = ma.log_datasets(client, run_id, [
+    logged = mlflow_datasets.log_datasets(client, run_id, [
         ("web", world / "gen" / "web", None, "training"),
         ("human", world / "gen" / "human", None, "training"),
         ("bootstrapped", world / "bootstrapped", None, "output"),
@@ -146,7 +146,7 @@ def test_datasets_become_run_inputs_with_digest_and_context(world, store, tmp_pa
     assert set(inputs) == {"web", "human", "bootstrapped"}
     assert inputs["bootstrapped"].dataset.digest == "22222222222222222222222222222222.dir"
     assert inputs["human"].dataset.digest == "11111111111111111111111111111111.dir"
-    assert inputs["web"].dataset.digest == ma.fingerprint(world / "gen" / "web")
+    assert inputs["web"].dataset.digest == mlflow_datasets.fingerprint(world / "gen" / "web")
     context = {n: {t.key: t.value for t in d.tags}["mlflow.data.context"] for n, d in inputs.items()}
     assert context == {"web": "training", "human": "training", "bootstrapped": "output"}
     web = inputs["web"].dataset
@@ -154,7 +154,7 @@ def test_datasets_become_run_inputs_with_digest_and_context(world, store, tmp_pa
     assert json.loads(web.profile)["samples"] == 4 and json.loads(web.profile)["digest_from"] == "fingerprint"
     assert json.loads(inputs["human"].dataset.profile)["digest_from"] == "dvc.lock"
     with pytest.raises(ValueError, match="context 'train'"):
-        ma.log_datasets(client, run_id, [("web", world / "gen" / "web", None, "train")])
+        mlflow_datasets.log_datasets(client, run_id, [("web", world / "gen" / "web", None, "train")])
     assert_untouched(client, run_id)
 
 
@@ -166,7 +166,7 @@ def test_captioner_is_a_registered_pyfunc_that_captions_as_the_caption_stage(wor
 
     client = store
     run_id = new_run(client, tmp_path, "captioner")
-    out = ma.log_blip_model(client, run_id, world / "captioner", role="captioner", registered_name="blip-captioner",
+    out = mlflow_models.log_blip_model(client, run_id, world / "captioner", role="captioner", registered_name="blip-captioner",
                             tags=FACTORS, step=3)
     assert out["version"] == "1" and out["model_uri"] == f"models:/{out['model_id']}"
     # linked to the run: its outputs (the runs table's Models column) and as the model's source run
@@ -218,7 +218,7 @@ def test_filter_pyfunc_scores_as_the_filter_stage_and_registers_from_another_def
     elsewhere = tmp_path / "elsewhere.db"
     with monkeypatch.context() as mp:  # the default client points at another store
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}")
-        out = ma.log_blip_model(client, run_id, world / "filter", role="filter", registered_name="blip-filter",
+        out = mlflow_models.log_blip_model(client, run_id, world / "filter", role="filter", registered_name="blip-filter",
                                 tags=FACTORS)
     assert not elsewhere.exists()  # never touched
     mv = client.get_model_version("blip-filter", out["version"])
