@@ -78,7 +78,7 @@ def bench_preset(name: str, batch: int, repeats: int, device: str, dtype: torch.
         "beam 3": (GenerationConfig(method="beam", num_beams=3, max_length=20, min_length=5),
                    dict(num_beams=3, max_length=20, min_length=5)),
         "nucleus": (GenerationConfig.nucleus(max_length=20, min_length=5),
-                    dict(do_sample=True, top_p=0.9, top_k=0, repetition_penalty=1.1, max_length=20, min_length=5)),
+                    dict(do_sample=True, top_p=0.9, top_k=50, repetition_penalty=1.1, max_length=20, min_length=5)),
     }
     with torch.no_grad():
         for label, (ours_cfg, hf_kw) in settings.items():

@@ -229,6 +229,7 @@ def hf_generation_config(cfg: BlipConfig, gen: GenerationConfig | None = None):
     t = cfg.text
     return HFGenerationConfig(
         do_sample=gen.method == "nucleus", top_p=gen.top_p if gen.method == "nucleus" else None,
+        top_k=gen.top_k if gen.method == "nucleus" else None,
         num_beams=gen.num_beams if gen.method == "beam" else 1, max_length=gen.max_length,
         min_length=gen.min_length, repetition_penalty=gen.repetition_penalty, length_penalty=gen.length_penalty,
         bos_token_id=t.bos_token_id, eos_token_id=t.sep_token_id, pad_token_id=t.pad_token_id,

@@ -402,19 +402,22 @@ def test_caption_strings_have_the_prompt_stripped():
 
 
 def test_nucleus_sampler_draws_from_the_renormalised_nucleus_on_both_paths():
-    from blip.model.generation import _sample_top_p
+    from blip.model.generation import _candidates, _sample_nucleus
 
     torch.manual_seed(0)
-    scores = torch.randn(1, 50) * 2
+    scores = torch.randn(1, 500) * 2  # a nucleus of 44 tokens
     p = scores.softmax(-1)[0]
     sp, si = p.sort(descending=True)
-    nucleus = si[(sp.cumsum(0) - sp) < 0.9]  # kept while the mass ranked above is < top_p
-    target = torch.zeros(50)
+    nucleus = si[(sp.cumsum(0) - sp) < 0.9]  # top-p alone: kept while the mass ranked above is < top_p
+    assert 4 < len(nucleus) < 256
+    target = torch.zeros(500)
     target[nucleus] = p[nucleus] / p[nucleus].sum()
     u = torch.rand(20000, 1)
-    fast = _sample_top_p(scores.expand(20000, -1).contiguous(), 0.9, u, k=256)  # nucleus inside top-k
-    full = _sample_top_p(scores.expand(20000, -1).contiguous(), 0.9, u, k=4)  # falls back to a full sort
+    rows = scores.expand(20000, -1).contiguous()
+    assert _candidates(scores, 0, 0.9, k=256)[2].all() and not _candidates(scores, 0, 0.9, k=4)[2].any()
+    fast = _sample_nucleus(rows, 0, 0.9, u, k=256)  # nucleus inside the top 256
+    full = _sample_nucleus(rows, 0, 0.9, u, k=4)  # falls back to the whole vocabulary
     assert torch.equal(fast, full)
     assert set(fast.unique().tolist()) <= set(nucleus.tolist())
-    freq = torch.bincount(fast, minlength=50).float() / len(fast)
+    freq = torch.bincount(fast, minlength=500).float() / len(fast)
     assert (freq - target).abs().max() < 0.01

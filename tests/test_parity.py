@@ -77,7 +77,8 @@ def test_generated_ids_match(captioner_pair, num_beams, seed):
     kw = dict(max_length=16, min_length=6, num_beams=num_beams, do_sample=False)
     ref = _hf_generate(hf, img, prompt, **kw)
     method = "beam" if num_beams > 1 else "greedy"
-    got = ours.generate(img, prompt, GenerationConfig(method=method, num_beams=num_beams, max_length=16, min_length=6))
+    cfg = GenerationConfig(method=method, num_beams=num_beams, max_length=16, min_length=6, length_rule="transformers")
+    got = ours.generate(img, prompt, cfg)
     assert got[:, 0].eq(ours.cfg.text.bos_token_id).all()
     assert _trim(got, 3) == _trim(ref, 3)
 
@@ -88,9 +89,40 @@ def test_generated_ids_match_with_repetition_penalty(captioner_pair):
     prompt = [2, 10, 11, 12]
     ref = _hf_generate(hf, img, prompt, max_length=14, min_length=5, num_beams=3, repetition_penalty=1.1)
     got = ours.generate(
-        img, prompt, GenerationConfig(method="beam", max_length=14, min_length=5, repetition_penalty=1.1)
+        img, prompt,
+        GenerationConfig(method="beam", max_length=14, min_length=5, repetition_penalty=1.1, length_rule="transformers"),
     )
     assert _trim(got, 3) == _trim(ref, 3)
+
+
+def test_nucleus_sampling_steps_match_transformers_sampling(captioner_pair):
+    # transformers draws its own tokens; along the sequence it drew, every step's distribution
+    # (repetition penalty, min length, then its default top_k=50 and top_p) must be ours.
+    from blip.model.generation import _repetition_penalty, nucleus_distribution
+
+    ours, hf = captioner_pair
+    img = _images(4, 7)
+    prompt, eos = [2, 10, 11, 12], 3
+    torch.manual_seed(0)
+    out = _hf_generate(hf, img, prompt, do_sample=True, top_p=0.9, repetition_penalty=1.1, max_length=16,
+                       min_length=6, output_scores=True, return_dict_in_generate=True)
+    seqs, P = out.sequences, len(prompt)
+    cfg = GenerationConfig.nucleus(max_length=16, min_length=6)
+    with torch.no_grad():
+        logits = ours.text_decoder(seqs, None, ours.encode_image(img))
+    top_k_cut = 0
+    for cur in range(P, seqs.shape[1]):
+        live = ~(seqs[:, P:cur] == eos).any(1)  # rows still generating
+        scores = _repetition_penalty(logits[:, cur - 1].float(), seqs[:, :cur], cfg.repetition_penalty)
+        if cur < cfg.min_length:
+            scores[:, eos] = float("-inf")
+        got = nucleus_distribution(scores, cfg.top_k, cfg.top_p)[live]
+        ref = out.scores[cur - P].softmax(-1)[live]
+        assert torch.equal(got > 0, ref > 0), cur
+        assert torch.allclose(got, ref, atol=1e-5), (cur, (got - ref).abs().max())
+        assert (got.gather(1, seqs[live, cur : cur + 1]) > 0).all()
+        top_k_cut += int(((nucleus_distribution(scores, 0, cfg.top_p) > 0).sum(-1) > cfg.top_k).sum())
+    assert top_k_cut > 0, "top-p alone never kept more than 50 tokens: top_k was not tested"
 
 
 def test_itm_logits_and_itc_similarities_match(retrieval_pair):
@@ -141,7 +173,8 @@ def test_generated_ids_match_when_captions_end_at_different_steps(num_beams):
     prompt = [2, 10, 11, 12]
     ref = _hf_generate(hf, img, prompt, max_length=16, min_length=5, num_beams=num_beams)
     method = "beam" if num_beams > 1 else "greedy"
-    got = ours.generate(img, prompt, GenerationConfig(method=method, num_beams=num_beams, max_length=16, min_length=5))
+    cfg = GenerationConfig(method=method, num_beams=num_beams, max_length=16, min_length=5, length_rule="transformers")
+    got = ours.generate(img, prompt, cfg)
     ends = {row.index(3) for row in _trim(got, 3)}
     assert len(ends) > 1, "test needs captions of different lengths"
     assert _trim(got, 3) == _trim(ref, 3)

@@ -36,16 +36,21 @@ def check_fan_out(workers: int, executor: str) -> None:
 class CaptionConfig:
     """The ``caption`` section of ``params.yaml``.
 
-    ``method``: ``nucleus`` (CapFilt, top_p 0.9 and BLIP's repetition penalty 1.1) or ``beam``
-    (``num_beams`` 3, no repetition penalty, as BLIP's ``generate``). ``max_length``/``min_length``
-    count the prompt's tokens, as BLIP's configs (20/5). ``seed``: nucleus sampling only.
+    ``method``: ``nucleus`` (CapFilt: top_k 50 then top_p 0.9, BLIP's repetition penalty 1.1) or
+    ``beam`` (``num_beams`` 3, no repetition penalty, as BLIP's ``generate``). ``top_k``: nucleus
+    only, kept before top-p as transformers' default did for BLIP (0 = off). ``length_rule``: beam
+    only, how finished captions are ranked: ``official`` (transformers 4.15, as BLIP's released
+    captions) or ``transformers`` (5.x). ``max_length``/``min_length`` count the prompt's tokens,
+    as BLIP's configs (20/5). ``seed``: nucleus sampling only.
     How it runs (not part of the result's identity): ``batch_size``, ``device`` (auto | cpu |
     cuda | cuda:N), ``workers`` (shards in flight), ``executor`` (thread | process), ``progress``.
     """
 
     method: str = "nucleus"
     top_p: float = 0.9
+    top_k: int = 50
     num_beams: int = 3
+    length_rule: str = "official"
     max_length: int = 20
     min_length: int = 5
     seed: int = 0
@@ -61,16 +66,20 @@ class CaptionConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
         check_fan_out(self.workers, self.executor)
+        GenerationConfig(top_k=self.top_k, length_rule=self.length_rule)  # both checked, whatever the method
         self.generation()  # validates top_p, num_beams
 
     def generation(self) -> GenerationConfig:
+        """Each method gets only its own knobs, so the other method's do not change ``identity()``."""
         if self.method == "nucleus":
-            return GenerationConfig.nucleus(max_length=self.max_length, min_length=self.min_length, top_p=self.top_p)
+            return GenerationConfig.nucleus(max_length=self.max_length, min_length=self.min_length, top_p=self.top_p,
+                                            top_k=self.top_k)
         return GenerationConfig(method="beam", num_beams=self.num_beams, max_length=self.max_length,
-                                min_length=self.min_length)
+                                min_length=self.min_length, length_rule=self.length_rule)
 
     def identity(self) -> dict:
-        """The fields that decide the captions."""
+        """The fields that decide the captions (the whole generation config, top_k and
+        length_rule included, so changing them recomputes the shards)."""
         d = {"generation": asdict(self.generation())}
         if self.method == "nucleus":
             d["seed"] = self.seed

@@ -18,6 +18,7 @@ from ..typed import ConfigError, build
 SHARING_STRATEGIES = ("all", "all_except_ca", "all_except_sa", "none")
 PRESETS = ("tiny", "small", "base", "large")
 GENERATION_METHODS = ("beam", "nucleus", "greedy")
+LENGTH_RULES = ("official", "transformers")  # beam search: how a finished caption's log-prob is normalised
 
 
 @dataclass
@@ -108,13 +109,35 @@ class BlipConfig:
 
 @dataclass
 class GenerationConfig:
+    """How captions are decoded; defaults are BLIP's ``generate`` (beam 3, lengths 5..20).
+
+    ``max_length``/``min_length`` count the prompt's tokens ([DEC] a picture of = 4), as BLIP's
+    configs and transformers' ``generate`` do.
+
+    Nucleus sampling: ``top_k`` then ``top_p``, as transformers' TopKLogitsWarper and
+    TopPLogitsWarper. BLIP passes only ``top_p=0.9``, so its captions ran with transformers'
+    default ``top_k=50`` too; ``top_k=0`` turns the top-k cut off (top-p alone).
+
+    Beam search, ``length_rule`` (the score that ranks finished captions, ``length_penalty`` 1):
+
+    * ``"official"``: transformers 4.15, which produced BLIP's released captions:
+      ``sum log p / len ** length_penalty`` with ``len`` the whole sequence *with* the prompt and
+      *without* [SEP]; a caption cut at ``max_length`` is scored over ``max_length`` tokens;
+    * ``"transformers"``: transformers 5 (the installed one, what an exported model decodes with):
+      ``len`` = the generated tokens *with* [SEP], prompt excluded.
+
+    The rules also differ in their early-stop heuristic (see ``generation._beam_search``).
+    """
+
     method: str = "beam"  # beam (BLIP's default, 3 beams) | nucleus (CapFilt, p=0.9) | greedy
     num_beams: int = 3
     max_length: int = 20  # total tokens including the prompt
     min_length: int = 5
     top_p: float = 0.9
+    top_k: int = 50  # nucleus: kept before top-p (transformers' default, as BLIP ran it); 0 = off
     repetition_penalty: float = 1.0  # BLIP hard-codes 1.1 for nucleus sampling
     length_penalty: float = 1.0
+    length_rule: str = "transformers"  # beam: official (transformers 4.15, BLIP's captions) | transformers (5)
 
     def __post_init__(self) -> None:
         if self.method not in GENERATION_METHODS:
@@ -123,11 +146,16 @@ class GenerationConfig:
             raise ValueError("num_beams must be >= 1")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0 turns top-k off)")
+        if self.length_rule not in LENGTH_RULES:
+            raise ValueError(f"length_rule={self.length_rule!r} unknown; use one of {LENGTH_RULES}")
 
     @classmethod
     def nucleus(cls, **kw) -> "GenerationConfig":
-        """CapFilt's synthetic-caption setting: top_p 0.9, repetition penalty 1.1."""
-        return cls(method="nucleus", **{"repetition_penalty": 1.1, **kw})
+        """CapFilt's synthetic-caption setting as BLIP ran it: top_k 50, then top_p 0.9,
+        repetition penalty 1.1 (hard-coded in BLIP's ``generate(sample=True)``)."""
+        return cls(method="nucleus", **{"top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1, **kw})
 
 
 def load_preset(name: str, **overrides: Any) -> BlipConfig:

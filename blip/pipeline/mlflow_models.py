@@ -37,7 +37,7 @@ ROLES = ("captioner", "filter")
 REGISTERED_NAMES = {"captioner": "blip-captioner", "filter": "blip-filter"}
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # what the LoggedModel page reads its registered versions from
 ROLE_TAG = "blip.role"
-_CAPTION_KEYS = ("method", "top_p", "num_beams", "max_length", "min_length", "seed", "batch_size")
+_CAPTION_KEYS = ("method", "top_p", "top_k", "num_beams", "length_rule", "max_length", "min_length", "seed", "batch_size")
 _FILTER_KEYS = ("max_length", "batch_size")
 # What the pyfunc imports when it loads (blip.capfilt.models and friends), pinned to this
 # environment's versions; explicit, so MLflow does not infer requirements (it would load the model
