@@ -111,20 +111,25 @@ def test_import_is_cheap():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_digest_is_dvc_lock_md5_else_a_content_fingerprint(world, tmp_path):
-    assert mlflow_datasets.dataset_digest(world / "bootstrapped") == "22222222222222222222222222222222.dir"  # out beats dep
-    assert mlflow_datasets.dataset_digest(world / "gen" / "human") == "11111111111111111111111111111111.dir"  # a dep
+def test_digest_is_dvc_md5_of_the_content_else_what_dvc_recorded(world, tmp_path, monkeypatch):
     web = world / "gen" / "web"
-    fp = mlflow_datasets.dataset_digest(web)
-    assert fp == mlflow_datasets.fingerprint(web) and len(fp) == 32
-    assert mlflow_datasets.dataset_digest(world / "bootstrapped", lock_path=tmp_path / "dvc.lock") == mlflow_datasets.fingerprint(
-        world / "bootstrapped")  # an explicit lock that does not exist: no lock
+    digest = mlflow_datasets.dataset_digest(web)
+    assert digest == mlflow_datasets.dvc_md5(web) and digest.endswith(".dir")
     copy = tmp_path / "web"
     shutil.copytree(web, copy)
-    assert mlflow_datasets.fingerprint(copy) == fp  # content, not place or mtime
+    assert mlflow_datasets.dataset_digest(copy) == digest  # content, not place or mtime
     stats = copy / "00000_stats.json"
     stats.write_bytes(stats.read_bytes().replace(b'"count": 4', b'"count": 5'))
-    assert mlflow_datasets.fingerprint(copy) != fp
+    assert mlflow_datasets.dataset_digest(copy) != digest
+    # a stale dvc.lock entry never wins over the content (the writing stage runs before DVC records it)
+    assert mlflow_datasets.dataset_digest(world / "bootstrapped") == mlflow_datasets.dvc_md5(world / "bootstrapped")
+    # data too large to hash: what DVC recorded (an out beats a dep; a `dvc add` file), else size + mtime
+    monkeypatch.setattr(mlflow_datasets, "HASH_BUDGET", 0)
+    assert mlflow_datasets.dataset_digest(world / "bootstrapped") == "22222222222222222222222222222222.dir"
+    assert mlflow_datasets.dataset_digest(world / "gen" / "human") == "11111111111111111111111111111111.dir"
+    (tmp_path / "web.dvc").write_text("outs:\n- md5: 33333333333333333333333333333333.dir\n  path: web\n")
+    assert mlflow_datasets.dataset_digest(copy) == "33333333333333333333333333333333.dir"
+    assert mlflow_datasets.dataset_digest(web, lock_path=tmp_path / "dvc.lock") == mlflow_datasets.fingerprint(web)
     assert mlflow_datasets.dataset_profile(world / "gen" / "human") == {
         "files": 3, "bytes": mlflow_datasets.dataset_profile(world / "gen" / "human")["bytes"], "shards": 1, "samples": 2,
         "pairs": 10}
@@ -144,15 +149,14 @@ def test_datasets_become_run_inputs_with_digest_and_context(world, store, tmp_pa
     assert [d["name"] for d in logged] == ["web", "human", "bootstrapped"]
     inputs = {d.dataset.name: d for d in client.get_run(run_id).inputs.dataset_inputs}
     assert set(inputs) == {"web", "human", "bootstrapped"}
-    assert inputs["bootstrapped"].dataset.digest == "22222222222222222222222222222222.dir"
-    assert inputs["human"].dataset.digest == "11111111111111111111111111111111.dir"
-    assert inputs["web"].dataset.digest == mlflow_datasets.fingerprint(world / "gen" / "web")
+    for name, path in (("bootstrapped", world / "bootstrapped"), ("human", world / "gen" / "human"),
+                       ("web", world / "gen" / "web")):
+        assert inputs[name].dataset.digest == mlflow_datasets.dvc_md5(path)
     context = {n: {t.key: t.value for t in d.tags}["mlflow.data.context"] for n, d in inputs.items()}
     assert context == {"web": "training", "human": "training", "bootstrapped": "output"}
     web = inputs["web"].dataset
     assert web.source_type == "local" and json.loads(web.source) == {"uri": str((world / "gen" / "web").resolve())}
-    assert json.loads(web.profile)["samples"] == 4 and json.loads(web.profile)["digest_from"] == "fingerprint"
-    assert json.loads(inputs["human"].dataset.profile)["digest_from"] == "dvc.lock"
+    assert json.loads(web.profile)["samples"] == 4 and json.loads(web.profile)["digest_from"] == "md5"
     with pytest.raises(ValueError, match="context 'train'"):
         mlflow_datasets.log_datasets(client, run_id, [("web", world / "gen" / "web", None, "train")])
     assert_untouched(client, run_id)

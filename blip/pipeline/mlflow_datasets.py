@@ -4,8 +4,8 @@ read and wrote.
 A dataset becomes a *dataset input* of a run (``MlflowClient.log_inputs``), listed by name and
 digest with its ``mlflow.data.context`` tag (``training``, ``input``, ``evaluation``, ``output``;
 MLflow has no dataset outputs, so a dataset a stage wrote is an input edge tagged ``output``). The
-digest is the md5 that ``dvc.lock`` records for the folder — the version DVC can check out again —
-else a content fingerprint of the folder. Everything takes ``client`` and ``run_id`` (never the
+digest is the md5 DVC computes for the folder — the version ``dvc.lock`` records, whichever stage
+logs it (data too large to hash: what DVC recorded, else a size + mtime fingerprint). Everything takes ``client`` and ``run_id`` (never the
 fluent API's global run). Imports neither mlflow nor torch at module import.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 CONTEXTS = ("training", "input", "evaluation", "output")
 CONTEXT_TAG = "mlflow.data.context"  # mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT
 LOCK_FILE = "dvc.lock"
-FULL_HASH_LIMIT = 64 << 20  # files at least this large enter the fingerprint by size + mtime, not content
+HASH_BUDGET = 2 << 30  # data up to this many bytes is hashed (as DVC does); beyond, DVC's record or size+mtime
 
 
 # -- datasets -----------------------------------------------------------------------------------------
@@ -69,31 +69,65 @@ def _file_md5(path: Path) -> str:
     return h.hexdigest()
 
 
+def dvc_md5(path: str | os.PathLike) -> str:
+    """The md5 DVC 3 records for ``path`` in ``dvc.lock``: a file's content md5, or for a folder
+    ``md5(json of [{"md5", "relpath"}] sorted by relpath) + ".dir"`` (``dvc_data``'s ``Tree``)."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"cannot hash {root}: no such file or folder")
+    if root.is_file():
+        return _file_md5(root)
+    entries = sorted(({"md5": _file_md5(f), "relpath": f.relative_to(root).as_posix()}
+                      for f in root.rglob("*") if f.is_file()), key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+
+
 def fingerprint(path: str | os.PathLike) -> str:
-    """md5 over the sorted ``(relative path, size, content md5)`` of every file under ``path``
-    (a file: itself); files of ``FULL_HASH_LIMIT`` bytes or more enter with their mtime instead of
-    their content, so a multi-GB shard folder is fingerprinted without reading it."""
+    """A cheap stand-in digest for data too large to hash: md5 over the sorted ``(relative path,
+    size, mtime)`` of every file under ``path``."""
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"cannot fingerprint {root}: no such file or folder")
     files = [root] if root.is_file() else sorted((p for p in root.rglob("*") if p.is_file()),
                                                  key=lambda p: p.relative_to(root).as_posix())
     h = hashlib.md5()
-    for p in files:
-        st = p.stat()
-        rel = p.name if p == root else p.relative_to(root).as_posix()
-        content = _file_md5(p) if st.st_size < FULL_HASH_LIMIT else f"mtime:{st.st_mtime_ns}"
-        h.update(f"{rel}\0{st.st_size}\0{content}\n".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name if f == root else f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def _digest(path, lock_path=None) -> tuple[str, str]:
-    md5 = lock_md5(path, lock_path)
-    return (md5, LOCK_FILE) if md5 else (fingerprint(path), "fingerprint")
+    """``(digest, where it came from)``. Data up to ``HASH_BUDGET`` bytes is hashed the way DVC
+    hashes it, so the digest is the version ``dvc.lock`` records whichever stage logs it (the
+    stage that writes a dataset runs before DVC records it); larger data takes the md5 that
+    ``dvc.lock`` or a ``<path>.dvc`` file records, else a size + mtime fingerprint."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"cannot hash {root}: no such file or folder")
+    if _size(root) <= HASH_BUDGET:
+        return dvc_md5(root), "md5"
+    md5 = lock_md5(root, lock_path) or _dvc_file_md5(root)
+    return (md5, "dvc") if md5 else (fingerprint(root), "fingerprint")
+
+
+def _dvc_file_md5(path: Path) -> str | None:
+    """The md5 a ``dvc add``-ed folder's ``<path>.dvc`` records, if there is one."""
+    import yaml
+
+    dvc_file = path.with_name(path.name + ".dvc")
+    if not dvc_file.is_file():
+        return None
+    outs = (yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}).get("outs") or []
+    return next((str(o["md5"]) for o in outs if isinstance(o, dict) and o.get("md5")), None)
 
 
 def dataset_digest(path: str | os.PathLike, lock_path: str | os.PathLike | None = None) -> str:
-    """The md5 ``dvc.lock`` records for ``path`` (an out, else a dep), else :func:`fingerprint`."""
+    """The version of the data at ``path``: DVC's md5 of it (see :func:`_digest` for large data)."""
     return _digest(path, lock_path)[0]
 
 
@@ -164,4 +198,4 @@ def log_datasets(client, run_id: str, datasets: Iterable, lock_path=None) -> lis
     return logged
 
 
-__all__ = ["CONTEXTS", "dataset_digest", "dataset_profile", "find_lock", "fingerprint", "lock_md5", "log_datasets"]
+__all__ = ["CONTEXTS", "dataset_digest", "dvc_md5", "dataset_profile", "find_lock", "fingerprint", "lock_md5", "log_datasets"]
