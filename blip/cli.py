@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         _common(sp)
         sp.add_argument("--run-name", default=None, help="MLflow child run name (default: the stage)")
         for arg in stage.args:
-            sp.add_argument(f"--{arg.name}", dest=arg.dest or arg.name.replace("-", "_"), required=arg.required,
+            sp.add_argument(f"--{arg.name}", dest=arg.key, required=arg.required,
                             nargs="+" if arg.many else None, default=arg.default, help=arg.help)
     pp = sub.add_parser("params", help="validate params.yaml (every section); --variant NAME overlays params-NAME.yaml")
     _common(pp)
@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         p = params_module.load(a.params, a.overrides)
         if stage.trains and "LOCAL_RANK" not in os.environ and (n := _nproc(p)) > 1:
             return _relaunch_under_torchrun(n, argv)
-        paths = {arg.dest or arg.name.replace("-", "_"): getattr(a, arg.dest or arg.name.replace("-", "_"))
-                 for arg in stage.args}
+        paths = {arg.key: getattr(a, arg.key) for arg in stage.args}
         result = run_stage(stage, p, Path(a.params).resolve().parent, paths, a.run_name)
     except (ParamsError, StageError, FileNotFoundError) as e:
         parser.exit(2, f"python -m blip {a.stage}: error: {e}\n")

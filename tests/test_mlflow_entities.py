@@ -236,3 +236,19 @@ def test_filter_pyfunc_scores_as_the_filter_stage_and_registers_from_another_def
     p = mlflow.pyfunc.load_model(f"models:/blip-filter/{out['version']}").predict(df[["image", "text"]])
     assert all(0.0 <= v <= 1.0 for v in p)
     assert list(p) == pytest.approx([stage[k] for k in df["key"]], abs=1e-5)
+
+
+def test_a_shard_pattern_is_a_dataset_too(world, store, tmp_path):
+    """img2dataset users name shards by brace pattern: logged with the digest of the shards it names."""
+    shards = tmp_path / "shards"
+    shutil.copytree(world / "gen" / "web", shards)
+    spec = f"{shards}/{{00000..00000}}.tar"
+    run_id = new_run(client := store, tmp_path, "pattern")
+    first = mlflow_datasets.log_datasets(client, run_id, [("web", spec, None, "input")])[0]
+    assert first["source"] == spec and len(first["digest"]) == 32
+    (shards / "00000.tar").write_bytes((shards / "00000.tar").read_bytes() + b"\0" * 512)
+    second = mlflow_datasets.log_datasets(client, run_id, [("web", spec, None, "input")])[0]
+    assert second["digest"] != first["digest"]
+    with pytest.raises(FileNotFoundError, match="dataset 'web'"):
+        mlflow_datasets.log_datasets(client, run_id, [("web", f"{shards}/{{00007..00008}}.tar", None, "input")])
+    assert_untouched(client, run_id)

@@ -153,6 +153,29 @@ def dataset_profile(path: str | os.PathLike) -> dict[str, int]:
     return out
 
 
+def _spec_dataset(name: str, spec: str, digest: str | None) -> tuple[str, str, str, dict]:
+    """``(digest, origin, source, profile)`` of a shard spec that is no single path: the tar files it
+    names (``resolve_shards``), each hashed as DVC would (or by size + mtime beyond the budget)."""
+    from blip.data.shards import resolve_shards
+
+    try:
+        files = [Path(u) for u in resolve_shards(spec)]
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"dataset {name!r}: {e}; run the stage that writes it first") from None
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"dataset {name!r}: {spec} names missing shards, e.g. {missing[0]}")
+    size = sum(f.stat().st_size for f in files)
+    origin = "given"
+    if digest is None:
+        hashed = size <= HASH_BUDGET
+        entries = [{"md5": _file_md5(f) if hashed else f"{f.stat().st_size}:{f.stat().st_mtime_ns}", "relpath": str(f)}
+                   for f in files]
+        digest = hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest()
+        origin = "md5" if hashed else "fingerprint"
+    return digest, origin, spec, {"files": len(files), "bytes": size, "shards": len(files)}
+
+
 def _as_tuple(ref) -> tuple:
     """``(name, path, digest, context)`` of a tuple or of an object with those attributes
     (``blip.track.DatasetRef``)."""
@@ -181,14 +204,15 @@ def log_datasets(client, run_id: str, datasets: Iterable, lock_path=None) -> lis
         name, path, digest, context = _as_tuple(ref)
         if context not in CONTEXTS:
             raise ValueError(f"dataset {name!r}: context {context!r} is not one of {CONTEXTS}")
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"dataset {name!r}: {path} does not exist; run the stage that writes it first")
         origin = "given"
-        if digest is None:
-            digest, origin = _digest(path, lock_path)
-        source = str(path.resolve())
-        profile = {**dataset_profile(path), "digest_from": origin}
+        if not Path(path).exists():  # a shard spec: brace pattern or "::" list (blip.data.shards)
+            digest, origin, source, profile = _spec_dataset(name, str(path), digest)
+        else:
+            path = Path(path)
+            if digest is None:
+                digest, origin = _digest(path, lock_path)
+            source, profile = str(path.resolve()), dataset_profile(path)
+        profile = {**profile, "digest_from": origin}
         ds = Dataset(name=name, digest=str(digest), source_type="local", source=json.dumps({"uri": source}),
                      profile=json.dumps(profile))
         inputs.append(DatasetInput(ds, tags=[InputTag(CONTEXT_TAG, context)]))

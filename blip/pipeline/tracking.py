@@ -17,7 +17,6 @@ recorded, exactly as written in ``params.yaml``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -331,17 +330,10 @@ class StageTracker:
 
     def log_datasets(self, datasets: list[DatasetRef]) -> None:
         """Record datasets this stage read or wrote as MLflow dataset inputs (the runs table's Dataset
-        column); the digest is ``dvc.lock``'s md5 where DVC versions the folder, else a fingerprint."""
-        from .mlflow_datasets import dataset_digest, log_datasets
+        column); the digest is DVC's md5 of the data (``mlflow_datasets.dataset_digest``)."""
+        from .mlflow_datasets import log_datasets
 
-        lock = self.root / "dvc.lock"
-        refs = []
-        for d in datasets:
-            if d.digest is None and not Path(d.path).exists():  # a brace pattern or a list of shards
-                log.warning("mlflow: dataset %s: %s is not a folder; recorded without a content digest", d.name, d.path)
-                d = DatasetRef(d.name, d.path, d.context, hashlib.md5(d.path.encode()).hexdigest())
-            refs.append((d.name, d.path, d.digest or dataset_digest(d.path, lock), d.context))
-        log_datasets(self.client, self.run_id, refs)
+        log_datasets(self.client, self.run_id, list(datasets), lock_path=self.root / "dvc.lock")
 
     def set_parent_tags(self, tags: dict[str, Any]) -> None:
         _set_tags(self.client, self.parent_run_id, tags)

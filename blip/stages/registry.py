@@ -27,6 +27,11 @@ class Arg:
     default: str | None = None
     dest: str | None = None  # keyword name, when it differs from the option's
 
+    @property
+    def key(self) -> str:
+        """The function's keyword (and argparse ``dest``) for this option."""
+        return self.dest or self.name.replace("-", "_")
+
 
 @dataclass(frozen=True)
 class ModelLog:
