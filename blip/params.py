@@ -32,7 +32,7 @@ import yaml
 from .capfilt.config import METHODS, PARTS, AssembleConfig, CaptionConfig, FilterConfig
 from .data.generator import GenerateConfig
 from .model.config import PRESETS, SHARING_STRATEGIES, BlipConfig, load_preset
-from .train.config import JOBS, TrainConfig
+from .train.config import JOBS, TrainConfig, WarmstartConfig
 from .typed import ConfigError, build
 
 CAPFILT_MODELS = ("decoupled", "shared")  # Table 4
@@ -56,6 +56,8 @@ class ModelParams:
     preset: str = "tiny"
     sharing: str = "all_except_sa"  # Table 3: all | all_except_ca | all_except_sa | none
     queue_size: int = 1024
+    momentum: float = 0.995  # EMA rate of the momentum encoders (ITC targets, queue, distillation)
+    temp: float = 0.07  # initial ITC temperature (learned, clamped to [0.001, 0.5])
     vocab_size: int = 1024  # WordPiece vocabulary trained on the captions (ignored with vocab_file)
     vocab_file: str | None = None  # a BERT vocab.txt to use instead (e.g. bert-base-uncased)
     vision: dict = field(default_factory=dict)  # overrides of the preset's vision fields
@@ -67,7 +69,8 @@ class ModelParams:
 
     def config(self, special_ids: dict[str, int]) -> BlipConfig:
         """The model's ``BlipConfig`` for a tokenizer with these special-token ids (and its vocab size)."""
-        return load_preset(self.preset, sharing=self.sharing, queue_size=self.queue_size, vision=self.vision,
+        return load_preset(self.preset, sharing=self.sharing, queue_size=self.queue_size, momentum=self.momentum,
+                           temp=self.temp, vision=self.vision,
                            text={**self.text, **special_ids})
 
 
@@ -154,6 +157,7 @@ class Params:
     capfilt: CapfiltParams = field(default_factory=CapfiltParams)
     data: DataParams = field(default_factory=DataParams)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    warmstart_vision: WarmstartConfig = field(default_factory=WarmstartConfig)
     pretrain: TrainConfig = _train("pretrain")
     finetune_captioner: TrainConfig = _train("finetune_captioner")
     finetune_filter: TrainConfig = _train("finetune_filter")

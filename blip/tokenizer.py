@@ -2,8 +2,8 @@
 
 Two ways to get one, never a download:
 
-* :func:`build_tokenizer` trains a WordPiece vocabulary on a caption corpus with the
-  ``tokenizers`` library (the default, offline path);
+* :func:`build_tokenizer` builds a WordPiece vocabulary from a caption corpus, deterministically
+  (the default, offline path);
 * :func:`load_vocab` reads a ``vocab.txt`` the user has (e.g. bert-base-uncased's), giving the
   official ids: [PAD] 0, [CLS] 101, [SEP] 102, [DEC] 30522, [ENC] 30523.
 """
@@ -89,31 +89,46 @@ class BlipTokenizer:
         return cls(PreTrainedTokenizerFast.from_pretrained(str(directory)))
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, min_frequency: int = 1) -> BlipTokenizer:
-    """Train a lower-cased BERT WordPiece tokenizer on ``corpus`` (offline, seconds).
+def build_vocab(corpus: Iterable[str], vocab_size: int = 1024, min_frequency: int = 1) -> dict[str, int]:
+    """A WordPiece vocabulary of ``corpus``, deterministically: the special tokens, every character
+    (alone and as ``##c``), then whole words by frequency (ties by the word itself) up to
+    ``vocab_size``; words seen fewer than ``min_frequency`` times are left to the characters.
 
-    The trained vocabulary may be smaller than ``vocab_size`` on a small corpus; use
-    ``len(tokenizer)`` for the model's ``text.vocab_size``.
+    The ``tokenizers`` trainer breaks frequency ties in hash order, so two processes built
+    different vocabularies from the same captions (and the same model trained to different
+    numbers); this vocabulary is a function of the corpus alone.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from collections import Counter
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS
-    )
-    tok.train_from_iterator(corpus, trainer)
-    _finish(tok)
-    return BlipTokenizer(_wrap(PreTrainedTokenizerFast, tok))
+    from tokenizers import normalizers, pre_tokenizers
+
+    norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for text in corpus:
+        words.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for piece in chars + [f"##{c}" for c in chars]:
+        vocab.setdefault(piece, len(vocab))
+    for w, n in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= vocab_size or n < min_frequency:
+            break
+        vocab.setdefault(w, len(vocab))
+    return vocab
+
+
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, min_frequency: int = 1) -> BlipTokenizer:
+    """A lower-cased BERT WordPiece tokenizer with :func:`build_vocab`'s vocabulary of ``corpus``
+    (offline, deterministic, seconds).
+
+    The vocabulary may be smaller than ``vocab_size`` on a small corpus; use ``len(tokenizer)``
+    for the model's ``text.vocab_size``.
+    """
+    return _from_vocab(build_vocab(corpus, vocab_size, min_frequency))
 
 
 def load_vocab(vocab_file: str | Path) -> BlipTokenizer:
     """Tokenizer from a BERT ``vocab.txt``, with [DEC] and [ENC] appended as in ``init_tokenizer``."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab_file = Path(vocab_file)
     if not vocab_file.is_file():
         raise FileNotFoundError(f"vocabulary file {vocab_file} not found (expected a BERT vocab.txt)")
@@ -125,6 +140,13 @@ def load_vocab(vocab_file: str | Path) -> BlipTokenizer:
             raise ValueError(f"{vocab_file} has no {t} entry; is it a BERT vocab.txt?")
     for t in ("[DEC]", "[ENC]"):  # bos 30522, enc 30523 for bert-base-uncased
         vocab.setdefault(t, len(vocab))
+    return _from_vocab(vocab)
+
+
+def _from_vocab(vocab: dict[str, int]) -> BlipTokenizer:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()

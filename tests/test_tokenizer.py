@@ -47,3 +47,36 @@ def test_missing_vocab_file_and_empty_tokenizer_fail_clearly(tmp_path):
         load_vocab(tmp_path / "nope.txt")
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         BlipTokenizer.load(tmp_path)
+
+
+def test_built_vocabulary_is_the_same_in_every_process(tmp_path):
+    """The tokenizers trainer broke frequency ties in hash order: two processes built different
+    vocabularies from one corpus. build_vocab is a function of the corpus alone."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from blip.tokenizer import build_vocab
+
+    corpus = CORPUS + ["a small violet hexagon", "three grey stars above a pink cross", "zigzag"]
+    script = (f"import json; from blip.tokenizer import build_tokenizer; "
+              f"print(json.dumps(build_tokenizer({corpus!r}, vocab_size=60).hf.get_vocab(), sort_keys=True))")
+    vocabs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")]
+    assert vocabs[0] == vocabs[1] == vocabs[2]
+    vocab = json.loads(vocabs[0])
+    assert len(vocab) == 60
+    # every character alone and as a continuation piece: any caption of these letters tokenises without [UNK]
+    assert {"z", "##z", "x", "##x"} <= set(vocab)
+    # whole words by frequency, ties by the word: "a" (most frequent), then the 20-times words
+    # alphabetically ("blue", "circles", ...); a word seen once ("zigzag") did not make it
+    assert {"a", "blue", "circles"} <= set(vocab) and not {"zigzag", "two", "triangle"} & set(vocab)
+    assert build_vocab(corpus, 60) == build_vocab(list(reversed(corpus)), 60)
+
+
+def test_words_left_out_of_a_small_vocabulary_fall_back_to_pieces():
+    tok = build_tokenizer(CORPUS + ["hexagon"], vocab_size=40)
+    ids = tok(["hexagon"]).input_ids[0].tolist()
+    assert tok.hf.unk_token_id not in ids and len(ids) > 3  # [CLS] h ##e ... [SEP]
+    assert tok.decode(ids) == "hexagon"

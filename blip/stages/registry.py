@@ -82,6 +82,7 @@ def _train_args() -> tuple[Arg, ...]:
     return (SHARDS, Arg("out", "folder for the trained model (+ tokenizer)", required=True),
             Arg("init", "model folder to start from (fine-tuning)"),
             Arg("tokenizer", "tokenizer folder (training from scratch)"),
+            Arg("vision-init", "ViT warm start folder (the warmstart_vision stage; training from scratch)"),
             Arg("metrics", "write the run summary JSON here"),
             Arg("log", "append per-step metrics as JSON lines here"),
             Arg("plot", "write per-step losses as CSV here (dvc plots)"))
@@ -99,6 +100,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           (Arg("out", "output folder", default="data/generated"),)),
     Stage("tokenizer", data.tokenizer, "WordPiece on the caption corpus, or model.vocab_file",
           ("model.vocab_size", "model.vocab_file"), (SHARDS, OUT)),
+    Stage("warmstart_vision", train.warmstart_vision,
+          "the ViT's supervised warm start on a labelled image set of the world (the ImageNet role)",
+          ("warmstart_vision", "model.preset", "model.vision", "generate.world"),
+          (Arg("out", "folder for the warm-start ViT", required=True), Arg("metrics", "write its summary JSON here"))),
     _training("pretrain", "pretrain", "ITC + ITM + LM on noisy web + human pairs: the noisy-data baseline",
               ("model", "pretrain", "compute")),
     _training("finetune_captioner", "finetune_captioner", "LM on human pairs: the CapFilt captioner",

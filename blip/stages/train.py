@@ -4,12 +4,31 @@ from __future__ import annotations
 
 from ..params import Params
 from ..track import Tracker
-from .common import StageError, datasets, skip, skipped
+from .common import StageError, datasets, skip, skipped, write_json
+
+
+def warmstart_vision(stage, params: Params, tracker: Tracker, *, out: str, metrics: str | None = None) -> dict:
+    """The ViT's supervised warm start on a labelled image set of the world (the ImageNet role)."""
+    ws = params.warmstart_vision
+    if not ws.enabled:
+        return skip(out, "warmstart_vision.enabled is false: pre-training starts from random weights")
+    from ..model.config import load_preset
+    from ..train.warmstart import train_vision
+
+    vision = load_preset(params.model.preset, vision=params.model.vision).vision
+    summary = train_vision(ws, vision, params.generate.world, out, tracker=tracker)
+    held = summary["held_out"]
+    if metrics:
+        write_json(metrics, {k: summary[k] for k in ("steps", "final_bce", "images_per_s", "train_seconds", "bf16")}
+                   | {"held_out": held})
+    print("warm start held-out AUC: " + ", ".join(f"{k.split('/')[0]} {v:.3f}" for k, v in held.items()
+                                                  if k.endswith("/auc")))
+    return {"steps": summary["steps"], "held_out": held}
 
 
 def train(stage, params: Params, tracker: Tracker, *, shards: list[str], out: str, init: str | None = None,
-          tokenizer: str | None = None, metrics: str | None = None, log: str | None = None,
-          plot: str | None = None) -> dict:
+          tokenizer: str | None = None, vision_init: str | None = None, metrics: str | None = None,
+          log: str | None = None, plot: str | None = None) -> dict:
     """Train ``stage.section``'s job on ``shards`` into ``out``: from scratch with ``tokenizer``, or
     from the checkpoint ``init``. Writes the summary to ``metrics``, per-step JSON lines to ``log``
     and the loss curves (``dvc plots``) to ``plot``; records the model as ``stage.model_log`` says."""
@@ -26,12 +45,16 @@ def train(stage, params: Params, tracker: Tracker, *, shards: list[str], out: st
             raise StageError(f"{stage.name}: pass --tokenizer DIR to train from scratch, or --init MODEL_DIR")
         tok = BlipTokenizer.load(tokenizer)
         model_cfg = params.model.config(tok.special_ids)
+        if vision_init is not None and skipped(vision_init):
+            vision_init = None  # warm start disabled: from random weights
+    elif vision_init is not None:
+        raise StageError(f"{stage.name}: --vision-init warm-starts training from scratch; --init already has a ViT")
     elif skipped(init):
         raise StageError(f"{stage.name}: {init} holds no trained model (its stage was skipped)")
     engine_trackers = [tracker, *([JsonlTracker(log)] if log else []), *([CsvTracker(plot)] if plot else [])]
     tracker.log_datasets(datasets(shards, "training"))
     summary = run_training(cfg, shards, out, init=init, model_cfg=model_cfg, tokenizer=tok,
-                           tracker=TeeTracker(*engine_trackers), metrics_path=metrics)
+                           tracker=TeeTracker(*engine_trackers), metrics_path=metrics, vision_init=vision_init)
     tracker.log_metrics({f"summary/{k}": float(summary[k]) for k in ("steps", "pairs_per_s", "seconds")
                          if summary.get(k) is not None})
     for m in stage.models:

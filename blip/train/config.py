@@ -83,3 +83,31 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class WarmstartConfig:
+    """``warmstart_vision:`` in params.yaml: the ViT's supervised warm start (``warmstart.py``).
+    ``images``: labelled images (the last ``held_out`` of them only measure); ``seed``: the
+    labelled set's world seed and the training seed; ``enabled: false`` pre-trains from random
+    weights (the stage writes a SKIPPED.json marker)."""
+
+    enabled: bool = True
+    images: int = 6000
+    held_out: int = 500
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.05
+    seed: int = 0
+    bf16: bool | str = "auto"
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.images <= self.held_out or self.held_out < 1:
+            raise ValueError(f"images={self.images}, held_out={self.held_out}: need 1 <= held_out < images")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")

@@ -14,12 +14,16 @@ from .config import JOBS, TrainConfig
 
 
 def build_model(
-    cfg: TrainConfig, init: str | Path | None, model_cfg: BlipConfig | None, tokenizer: BlipTokenizer | None
+    cfg: TrainConfig, init: str | Path | None, model_cfg: BlipConfig | None, tokenizer: BlipTokenizer | None,
+    vision_init: str | Path | None = None,
 ) -> tuple[BlipBase, BlipTokenizer]:
-    """A fresh pre-training model from ``model_cfg`` + ``tokenizer``, or the job's model class
-    initialised from checkpoint ``init`` (tokenizer read from ``init/tokenizer``)."""
+    """A fresh pre-training model from ``model_cfg`` + ``tokenizer`` (its ViT from the warm start
+    ``vision_init`` when given), or the job's model class initialised from checkpoint ``init``
+    (tokenizer read from ``init/tokenizer``)."""
     job = JOBS[cfg.job]
     kwargs = {"negative_all_rank": cfg.negative_all_rank} if job.model == "BlipRetrieval" else {}
+    if init is not None and vision_init is not None:
+        raise ValueError("vision_init warm-starts a model trained from scratch; a checkpoint init already has its ViT")
     if init is not None:
         model = load_model(init, arch=job.model, **kwargs)
         tok = tokenizer or BlipTokenizer.load(Path(init) / "tokenizer")
@@ -33,7 +37,12 @@ def build_model(
             f"model text.vocab_size={model_cfg.text.vocab_size} but the tokenizer has {len(tokenizer)} tokens; "
             "build the config with load_preset(..., text=tokenizer.special_ids)"
         )
-    return BlipPretrain(model_cfg), tokenizer
+    model = BlipPretrain(model_cfg)
+    if vision_init is not None:
+        from .warmstart import load_vision_init
+
+        load_vision_init(model, vision_init)
+    return model, tokenizer
 
 
 def compute_losses(

@@ -1,0 +1,219 @@
+"""Unimodal warm start of the image encoder: the ImageNet role at the embedded scale.
+
+BLIP never pre-trains from random weights: its ViT comes from ImageNet (DeiT) and its text
+transformer from BERT (blip-facts.md). A ViT trained from scratch on a few thousand noisy pairs
+learns nothing to match texts with (docs/recipe.md: its image features collapse to one vector,
+ITM stays at its prior), so the default pipeline gives it what ImageNet gives BLIP — supervised
+pre-training on a *labelled* image set of the same world, disjoint from every pair split:
+
+* images: scenes of the generated world (``world.SPLIT_IDS["labelled"]``, own seeds), rendered
+  exactly as the pair splits; no captions, no noise;
+* labels: a multi-hot vector of what a classifier of that world would annotate — shapes and
+  colours present, each (colour, shape) object kind present, sizes present, the number of objects,
+  the layout (position or relation) and the background (:func:`label_names`);
+* objective: binary cross-entropy on a linear head over the ViT's class token (DeiT's token),
+  each label group weighing the same (else the 80 object kinds drown the 3 object counts),
+  AdamW with linear warm-up and cosine decay, bfloat16 autocast where the hardware has it.
+
+The result is a ViT state dict (timm names, as ``visual_encoder.*``) plus a JSON card with the
+config, the label names and held-out accuracies; :func:`load_vision_init` copies it into a fresh
+``BlipPretrain`` (its momentum ViT too). Real-scale runs point ``model.vision_init`` at their own
+warm-start directory made the same way, or use released BLIP checkpoints directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..data.render import render
+from ..data.transforms import normalize
+from ..data.world import POSITIONS, RELATIONS, SIZES, TRAIN_BACKGROUNDS, Scene, WorldConfig, sample_rngs, sample_scene
+from ..model.config import VisionConfig
+from .config import WarmstartConfig
+
+WEIGHTS = "vision.safetensors"
+CARD = "vision.json"
+FORMAT = "blip-bootstrap/vision-warmstart-v1"
+LAYOUTS = POSITIONS + RELATIONS
+MAX_OBJECTS = 3
+
+
+def label_names(world: WorldConfig) -> list[str]:
+    """Names of the multi-hot label vector, in order (groups of :func:`label_groups`)."""
+    return (
+        [f"shape:{s}" for s in world.shapes]
+        + [f"colour:{c}" for c in world.colours]
+        + [f"object:{c} {s}" for s in world.shapes for c in world.colours]
+        + [f"size:{s}" for s in SIZES]
+        + [f"objects:{n}" for n in range(1, MAX_OBJECTS + 1)]
+        + [f"layout:{lay}" for lay in LAYOUTS]
+        + [f"background:{b}" for b in TRAIN_BACKGROUNDS]
+    )
+
+
+def label_groups(names: list[str]) -> dict[str, list[int]]:
+    """Label indices by group (``shape``, ``colour``, ``object``, ...)."""
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        groups.setdefault(n.split(":", 1)[0], []).append(i)
+    return groups
+
+
+def scene_labels(scene: Scene, names: list[str]) -> np.ndarray:
+    index = {n: i for i, n in enumerate(names)}
+    y = np.zeros(len(names), np.float32)
+    on = [f"objects:{scene.n_objects}", f"layout:{scene.layout}", f"background:{scene.background}"]
+    for g in scene.groups:
+        on += [f"shape:{g.shape}", f"colour:{g.colour}", f"object:{g.colour} {g.shape}", f"size:{g.size}"]
+    for n in on:
+        y[index[n]] = 1.0
+    return y
+
+
+def labelled_set(n: int, seed: int, world: WorldConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """``(images uint8 (n, 3, S, S), labels float (n, L), label names)`` of the labelled split."""
+    names = label_names(world)
+    images = torch.empty(n, 3, world.image_size, world.image_size, dtype=torch.uint8)
+    labels = np.empty((n, len(names)), np.float32)
+    for i in range(n):
+        rngs = sample_rngs(seed, "labelled", i)
+        scene = sample_scene(rngs[0], world, TRAIN_BACKGROUNDS)
+        images[i] = torch.from_numpy(np.array(render(scene, rngs[1], world))).permute(2, 0, 1)
+        labels[i] = scene_labels(scene, names)
+    return images, torch.from_numpy(labels), names
+
+
+def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    from ..evaluate.filter_quality import roc_auc
+
+    return roc_auc(scores, positive)
+
+
+@torch.no_grad()
+def held_out_metrics(vit, head, images, labels, names, device, batch_size: int = 256) -> dict[str, float]:
+    """Per label group: exact-match accuracy of the group's bits and mean ROC-AUC of its labels."""
+    vit.eval()
+    logits = torch.cat([head(vit(normalize(images[i:i + batch_size]).to(device))[:, 0]).float().cpu()
+                        for i in range(0, len(images), batch_size)])
+    vit.train()
+    pred, y = (logits > 0).float(), labels
+    out: dict[str, float] = {}
+    for group, idx in label_groups(names).items():
+        out[f"{group}/exact"] = round(float((pred[:, idx] == y[:, idx]).all(1).float().mean()), 4)
+        aucs = [_auc(logits[:, j].numpy(), y[:, j].numpy() > 0) for j in idx if 0 < y[:, j].sum() < len(y)]
+        out[f"{group}/auc"] = round(float(np.mean(aucs)), 4) if aucs else float("nan")
+    return out
+
+
+def train_vision(cfg: WarmstartConfig, vision: VisionConfig, world: WorldConfig, out_dir: str | Path,
+                 tracker=None) -> dict[str, Any]:
+    """Train ``vision``'s ViT on the labelled set; write ``vision.safetensors`` + ``vision.json``."""
+    from .. import dist
+    from ..model.vit import VisionEncoder
+    from ..track import NullTracker
+
+    tracker = tracker or NullTracker()
+    if vision.image_size != world.image_size:
+        raise ValueError(f"model image_size {vision.image_size} != world image_size {world.image_size}")
+    device = dist.resolve_device(cfg.device)
+    t0 = time.perf_counter()
+    images, labels, names = labelled_set(cfg.images, cfg.seed, world)
+    gen_s = time.perf_counter() - t0
+    n_train = cfg.images - cfg.held_out
+    torch.manual_seed(cfg.seed)
+    vit = VisionEncoder(vision).to(device)
+    head = nn.Linear(vision.width, len(names)).to(device)
+    decay = [p for n, p in vit.named_parameters() if p.ndim > 1 and "pos_embed" not in n] + [head.weight]
+    no_decay = [p for n, p in vit.named_parameters() if p.ndim <= 1 or "pos_embed" in n] + [head.bias]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    groups = label_groups(names)
+    weights = torch.zeros(len(names), device=device)
+    for idx in groups.values():
+        weights[idx] = 1.0 / (len(idx) * len(groups))
+    steps_per_epoch = n_train // cfg.batch_size
+    total = steps_per_epoch * cfg.epochs
+    bf16 = dist.bf16_enabled(cfg.bf16, device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="warmstart_vision", unit="step", dynamic_ncols=True)
+    step, t1, loss_ema, first = 0, time.perf_counter(), None, None
+    for _epoch in range(cfg.epochs):
+        perm = torch.randperm(n_train, generator=gen)
+        for i in range(steps_per_epoch):
+            lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * step / total))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            x = normalize(images[idx]).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = head(vit(x)[:, 0])
+            per_label = F.binary_cross_entropy_with_logits(logits.float(), labels[idx].to(device), reduction="none")
+            loss = (per_label.mean(0) * weights).sum()  # every label group weighs the same
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            value = float(loss.detach())
+            first = value if first is None else first
+            loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
+            if step % 10 == 0 or step == total:
+                tracker.log_metrics({"train/bce": value, "train/lr": lr}, step=step)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(bce=f"{loss_ema:.4f}")
+    if bar is not None:
+        bar.close()
+    train_s = time.perf_counter() - t1
+    metrics = held_out_metrics(vit, head, images[n_train:], labels[n_train:], names, device)
+    summary = {"format": FORMAT, "vision": asdict(vision), "world": asdict(world), "warmstart": asdict(cfg),
+               "labels": names, "steps": step, "first_bce": round(first or float("nan"), 5),
+               "final_bce": round(loss_ema or float("nan"), 5),
+               "images_per_s": round(step * cfg.batch_size / train_s, 1) if train_s else None,
+               "generate_seconds": round(gen_s, 2), "train_seconds": round(train_s, 2), "bf16": bf16,
+               "held_out": metrics}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}, str(out / WEIGHTS),
+              metadata={"format": FORMAT})
+    (out / CARD).write_text(json.dumps(summary, indent=2))
+    tracker.log_metrics({f"held_out/{k}": v for k, v in metrics.items()}, step=step)
+    return summary
+
+
+def load_vision_init(model, directory: str | Path) -> dict[str, Any]:
+    """Copy a warm-start ViT (``directory`` from :func:`train_vision`) into ``model.visual_encoder``
+    and, where the model has one, its momentum copy. Raises naming the file when the ViT shapes
+    differ from the model's (the warm start was made for another ``model.vision``)."""
+    from ..checkpoint import load_weights
+
+    directory = Path(directory)
+    card_path, weights = directory / CARD, directory / WEIGHTS
+    for p in (card_path, weights):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no vision warm start here; run the warmstart_vision stage "
+                                    "(`dvc repro warmstart_vision`) or set model.vision_init: null")
+    card = json.loads(card_path.read_text())
+    state = load_file(str(weights))
+    try:
+        for name in ("visual_encoder", "visual_encoder_m"):
+            if hasattr(model, name):
+                load_weights(getattr(model, name), state, strict=True)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{weights}: the warm-start ViT does not fit this model ({e}); "
+                         "re-run warmstart_vision after changing model.preset or model.vision") from e
+    return card
