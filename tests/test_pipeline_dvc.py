@@ -14,9 +14,9 @@ from pipeline_repo import make_repo, run
 
 pytestmark = pytest.mark.pipeline
 
-ALL_STAGES = {"data", "tokenizer", "pretrain", "finetune_captioner", "finetune_filter", "finetune_shared", "caption",
-              "filter", "assemble", "filter_quality", "repretrain", "downstream_captioner", "downstream_retrieval",
-              "evaluate@baseline", "evaluate@capfilt", "report"}
+ALL_STAGES = {"data", "warmstart_vision", "tokenizer", "pretrain", "finetune_captioner", "finetune_filter",
+              "finetune_shared", "caption", "filter", "assemble", "filter_quality", "repretrain",
+              "downstream_captioner", "downstream_retrieval", "evaluate@baseline", "evaluate@capfilt", "report"}
 # what may depend on capfilt.decoding: the synthetic captions and everything built from them
 DECODING_DOWNSTREAM = {"caption", "filter", "assemble", "filter_quality", "repretrain", "downstream_captioner",
                        "downstream_retrieval", "evaluate@capfilt", "report"}
@@ -41,7 +41,8 @@ def test_dvc_repro_runs_the_loop_then_nothing_then_only_what_a_factor_touches(tm
     first = dvc(repo, "repro")
     assert ran_stages(first.stdout) == ALL_STAGES
     for out in ["models/captioner/model.safetensors", "models/filter/model.safetensors",
-                "models/repretrain/model.safetensors", "models/shared/SKIPPED.json", "report.md"]:
+                "models/repretrain/model.safetensors", "models/shared/SKIPPED.json", "report.md",
+                "models/warmstart_vision/vision.safetensors", "metrics/train/warmstart_vision.json"]:
         assert (repo / out).is_file(), out
     assert sorted(p.name for p in (repo / "data/capfilt/captions").glob("*.parquet")) == \
         ["00000.parquet", "00001.parquet", "00002.parquet", "00003.parquet"]
@@ -57,7 +58,7 @@ def test_dvc_repro_runs_the_loop_then_nothing_then_only_what_a_factor_touches(tm
     assert re.search(r"\| pretrain \| \d+\.\d \|", md)  # stage wall times from the MLflow child runs
 
     # every dataset and checkpoint is versioned in dvc.lock
-    for out in ["data/generated", "models/tokenizer", "models/pretrain", "models/captioner", "models/filter",
+    for out in ["data/generated", "models/warmstart_vision", "models/tokenizer", "models/pretrain", "models/captioner", "models/filter",
                 "data/capfilt/captions", "data/capfilt/scores", "data/capfilt/dataset", "models/repretrain"]:
         assert lock_md5(repo, out).endswith(".dir"), out
 
@@ -129,7 +130,7 @@ def _check_mlflow(repo) -> None:
     pre = children["pretrain"]
     history = client.get_metric_history(pre.info.run_id, "train/loss")
     assert [m.step for m in history] == [2, 4, 6]
-    assert pre.data.params["pretrain.lr"] == "0.001"
+    assert pre.data.params["pretrain.lr"] == "0.0003"
     for stage, expected in [("finetune_captioner", {"model", "model-hf"}), ("finetune_filter", {"model"}),
                             ("repretrain", {"model"}), ("downstream_captioner", {"model", "model-hf"})]:
         arts = {a.path for a in client.list_artifacts(children[stage].info.run_id)}

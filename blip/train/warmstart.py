@@ -38,7 +38,16 @@ from torch import nn
 
 from ..data.render import render
 from ..data.transforms import normalize
-from ..data.world import POSITIONS, RELATIONS, SIZES, TRAIN_BACKGROUNDS, Scene, WorldConfig, sample_rngs, sample_scene
+from ..data.world import (
+    POSITIONS,
+    RELATIONS,
+    SIZES,
+    TRAIN_BACKGROUNDS,
+    Scene,
+    WorldConfig,
+    sample_rngs,
+    sample_scene,
+)
 from ..model.config import VisionConfig
 from .config import WarmstartConfig
 
