@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,20 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
 
 from blip.dist import bf16_enabled  # noqa: E402
+from blip.machine import cpu_name  # noqa: E402
 from blip.model.blip import BlipPretrain  # noqa: E402
 from blip.model.config import load_preset  # noqa: E402
 from blip.tokenizer import build_tokenizer  # noqa: E402
 from blip.train.optim import param_groups  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeat: int = 5) -> float:

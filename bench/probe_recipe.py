@@ -32,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_train import cpu_name  # noqa: E402
 
 from blip import params as P  # noqa: E402
 from blip.data.labels import noise_labels  # noqa: E402
 from blip.data.loader import make_loader  # noqa: E402
 from blip.evaluate.filter_quality import roc_auc  # noqa: E402
 from blip.evaluate.retrieval import itm_eval  # noqa: E402
+from blip.machine import cpu_name  # noqa: E402
 from blip.model.scoring import (  # noqa: E402
     cosine_similarity,
     image_embeddings,

@@ -8,6 +8,7 @@ rules that derive one key from another live in one place (:func:`_derive`):
 
 - ``caption.method`` is ``capfilt.decoding`` (Table 2);
 - ``assemble.use_filter`` / ``assemble.use_captioner`` come from ``capfilt.parts`` (Table 1);
+- ``assemble.score`` is ``capfilt.filter_score`` (ITM, or DataComp's ITC cosine at ITM's kept count);
 - a training section's ``job`` is its name (``repretrain`` trains like ``pretrain``, from scratch).
 
 Setting a derived key by hand is an error naming the factor to set instead. Validation is whole and
@@ -29,7 +30,14 @@ from typing import Any
 
 import yaml
 
-from .capfilt.config import METHODS, PARTS, AssembleConfig, CaptionConfig, FilterConfig
+from .capfilt.config import (
+    FILTER_SCORES,
+    METHODS,
+    PARTS,
+    AssembleConfig,
+    CaptionConfig,
+    FilterConfig,
+)
 from .data.generator import GenerateConfig
 from .model.config import PRESETS, SHARING_STRATEGIES, BlipConfig, load_preset
 from .train.config import JOBS, TrainConfig, WarmstartConfig
@@ -40,7 +48,7 @@ FACTORS = ("capfilt.parts", "capfilt.decoding", "capfilt.models", "model.sharing
 TRAIN_SECTIONS = tuple(JOBS)  # a training section trains the job of its name
 # keys another key decides; writing them by hand would contradict it
 DERIVED = {"caption.method": "capfilt.decoding", "assemble.use_filter": "capfilt.parts",
-           "assemble.use_captioner": "capfilt.parts", **{f"{s}.job": f"the section's name ({s})" for s in TRAIN_SECTIONS}}
+           "assemble.use_captioner": "capfilt.parts", "assemble.score": "capfilt.filter_score", **{f"{s}.job": f"the section's name ({s})" for s in TRAIN_SECTIONS}}
 
 
 ParamsError = ConfigError  # a parameter is missing, unknown or of the wrong type/value (names the key)
@@ -81,11 +89,13 @@ class CapfiltParams:
     parts: str = "both"  # Table 1: none | filter | captioner | both
     decoding: str = "nucleus"  # Table 2: nucleus (p=0.9) | beam (3 beams)
     models: str = "decoupled"  # Table 4: decoupled (two fine-tunes) | shared (one model, LM+ITC+ITM)
+    filter_score: str = "itm"  # itm (BLIP) | itc (DataComp's CLIP-score filter, at ITM's kept count)
 
     def __post_init__(self) -> None:
         _allowed("parts", self.parts, tuple(PARTS))
         _allowed("decoding", self.decoding, METHODS)
         _allowed("models", self.models, CAPFILT_MODELS)
+        _allowed("filter_score", self.filter_score, FILTER_SCORES)
 
     @property
     def use_filter(self) -> bool:
@@ -264,7 +274,7 @@ def _derive(raw: dict[str, Any]) -> dict[str, Any]:
     capfilt = build(CapfiltParams, raw.get("capfilt") or {}, "capfilt")
     raw["caption"] = {**(raw.get("caption") or {}), "method": capfilt.decoding}
     raw["assemble"] = {**(raw.get("assemble") or {}), "use_filter": capfilt.use_filter,
-                       "use_captioner": capfilt.use_captioner}
+                       "use_captioner": capfilt.use_captioner, "score": capfilt.filter_score}
     for sec in TRAIN_SECTIONS:
         raw[sec] = {**(raw.get(sec) or {}), "job": sec}
     return raw

@@ -215,3 +215,36 @@ def test_warns_when_the_filter_drops_nearly_everything(world, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="blip.capfilt"):
         stats = assemble(AssembleConfig(threshold=0.99, **QUIET), world.human, world.web, world.scores, tmp_path / "b")
     assert stats["web_drop_ratio"] == 1.0 and "is it trained?" in caplog.text
+
+
+def test_itc_filter_drops_as_many_texts_as_itm_the_lowest_cosines(world, tmp_path, median_threshold):
+    """capfilt.filter_score: itc — DataComp's CLIP-score filter, compared with ITM at equal kept count."""
+    itm = assemble(AssembleConfig(threshold=median_threshold, **QUIET), world.human, world.web, world.scores,
+                   tmp_path / "itm")
+    itc = assemble(AssembleConfig(threshold=median_threshold, score="itc", **QUIET), world.human, world.web,
+                   world.scores, tmp_path / "itc")
+    dropped = {s: itm["sources"][s]["dropped_by"].get("filter", 0) for s in ("web", "synthetic")}
+    dropped_itc = {s: itc["sources"][s]["dropped_by"].get("filter", 0) for s in ("web", "synthetic")}
+    assert sum(dropped.values()) > 0 and sum(dropped_itc.values()) == sum(dropped.values())
+    assert itc["score"] == "itc" and itc["itc_cut"]["n_drop"] == sum(dropped.values())
+    cut = itc["itc_cut"]["cut"]
+    scores = score_rows(world.scores)
+    kept = {m["meta"]["orig_key"] + m["meta"]["source"] for m in out_samples(tmp_path / "itc")}
+    for key, r in scores.items():
+        if r["status"] != "ok":
+            continue
+        for source, col in (("web", "itc_web"), ("synthetic", "itc_syn")):
+            if r[col] is not None:  # kept exactly when the cosine clears the global cut
+                assert ((key + source) in kept) == (r[col] >= cut), (key, source, r[col], cut)
+
+
+def test_itc_cut_edges():
+    from blip.capfilt.selection import itc_cut
+
+    t = pa.table({"status": ["ok", "ok", "bad"], "web_text": ["a", "b", None], "syn_text": ["c", None, None],
+                  "itm_web": [0.9, 0.2, None], "itm_syn": [0.7, None, None], "itc_web": [0.1, 0.3, None],
+                  "itc_syn": [0.2, None, None]})
+    assert itc_cut([t], threshold=0.5) == {"cut": pytest.approx(0.15), "n_texts": 3, "n_drop": 1}
+    assert itc_cut([t], threshold=0.1)["cut"] == float("-inf")
+    assert itc_cut([t], threshold=0.95)["cut"] == float("inf")
+    assert itc_cut([t], threshold=0.5, use_captioner=False) == {"cut": pytest.approx(0.2), "n_texts": 2, "n_drop": 1}

@@ -39,7 +39,7 @@ Manifest columns: ``key``, ``status`` (loader verdict), ``human``/``web``/``synt
 input shards' metadata and ``kept`` from the written shards), ``dropped_by`` reason. Units: human
 = images (kept with all their captions); web and synthetic = texts (one per web image).
 ``noise_ratio`` (Table 2) = share of scored synthetic texts with p < threshold, i.e. that the
-filter drops; ``web_drop_ratio`` = the same for web texts. Both describe the captioner/filter
+filter drops (with ``score: itc``: below the ITC cut, reported as ``itc_cut``); ``web_drop_ratio`` = the same for web texts. Both describe the captioner/filter
 pair at the threshold and are reported in every parts setting (null when nothing was scored).
 """
 
@@ -69,7 +69,7 @@ from ..data.tario import RawSample, ShardEnd, iter_shard_samples
 from .config import AssembleConfig
 from .fingerprint import config_hash, content_hash, file_fingerprint
 from .reader import OK, SampleStream
-from .selection import decide, read_scores
+from .selection import decide, itc_cut, read_scores
 from .shardwork import (
     ShardResult,
     ShardTask,
@@ -153,8 +153,8 @@ class _OutputShards:
 
 
 class AssembleWorker:
-    def __init__(self, cfg: AssembleConfig, out_dir: str):
-        self.cfg, self.out_dir = cfg, out_dir
+    def __init__(self, cfg: AssembleConfig, out_dir: str, cut: float):
+        self.cfg, self.out_dir, self.cut = cfg, out_dir, cut  # cut: the pass mark of cfg.score
 
     def __call__(self, task: ShardTask) -> ShardResult:
         p = task.params
@@ -181,7 +181,7 @@ class AssembleWorker:
     def _web(self, task: ShardTask, out: _OutputShards) -> tuple[list[dict], str | None]:
         cfg = self.cfg
         scores = read_scores(task.params["scores"], cfg.use_captioner)
-        dec = decide(scores, cfg.threshold, cfg.use_filter, cfg.use_captioner).to_pylist()
+        dec = decide(scores, self.cut, cfg.use_filter, cfg.use_captioner, cfg.score).to_pylist()
         sc = scores.to_pylist()
         rows, shard_error, i = [], None, 0
         for raw in iter_shard_samples(task.url):  # bytes only: the verdicts are in the score table
@@ -356,14 +356,22 @@ def assemble(cfg: AssembleConfig, human_shards, web_shards, scores_dir, out_dir,
     stats_path = os.path.join(out_dir, STATS)
     if os.path.exists(stats_path):
         os.remove(stats_path)  # the folder is complete again only when stats.json is rewritten
-    cfg_hash = config_hash(STAGE, VERSION, {k: getattr(cfg, k) for k in ("threshold", "use_filter", "use_captioner",
-                                                                       "max_shard_samples")})
+    cut = {"cut": cfg.threshold}
+    if cfg.score == "itc" and cfg.use_filter:  # one global cut over every shard's cosines
+        cut = itc_cut((read_scores(t.params["scores"], cfg.use_captioner) for t in tasks if t.params["role"] == "web"),
+                      cfg.threshold, cfg.use_captioner)
+    cfg_hash = config_hash(STAGE, VERSION, {k: getattr(cfg, k) for k in ("threshold", "score", "use_filter",
+                                                                       "use_captioner", "max_shard_samples")}
+                           | {"cut": cut["cut"]})
     if tracker is not None:
         tracker.log_params({f"{STAGE}.{k}": v for k, v in asdict(cfg).items()} | {f"{STAGE}.parts": cfg.parts})
-    run = run_shards(STAGE, tasks, os.path.join(out_dir, MANIFEST), partial(AssembleWorker, cfg, out_dir), cfg_hash,
+    run = run_shards(STAGE, tasks, os.path.join(out_dir, MANIFEST), partial(AssembleWorker, cfg, out_dir, cut["cut"]), cfg_hash,
                      workers=cfg.workers, executor=cfg.executor, tracker=tracker, progress=cfg.progress)
     records = _prune(out_dir, tasks)
     stats, tars = _stats(cfg, tasks, records, out_dir)
+    stats["score"] = cfg.score
+    if cfg.score == "itc":
+        stats["itc_cut"] = {**cut, "cut": cut["cut"] if math.isfinite(cut["cut"]) else None}
     write_sizes(out_dir, {t: _read_json(os.path.join(out_dir, t[:-4] + "_stats.json"))["count"] for t in tars})
     write_bytes_atomic(stats_path, json.dumps(stats, indent=1, sort_keys=True).encode())
     if cfg.use_filter and (stats["web_drop_ratio"] or 0.0) > 0.9:

@@ -18,6 +18,7 @@ PARTS = {  # Table 1 names -> (use_filter, use_captioner)
     "both": (True, True),
 }
 DEFAULT_THRESHOLD = 0.5
+FILTER_SCORES = ("itm", "itc")  # what the filter thresholds: ITM p(match) (BLIP) | ITC cosine (DataComp)
 
 
 def parts_name(use_filter: bool, use_captioner: bool) -> str:
@@ -109,10 +110,13 @@ class FilterConfig:
 @dataclass
 class AssembleConfig:
     """The ``assemble`` section of ``params.yaml``: the CapFilt parts (Table 1) and the threshold.
+    ``score``: what the filter thresholds — ``itm`` (BLIP) or ``itc`` (the DataComp baseline: the
+    lowest ITC cosines, as many texts as ITM drops at ``threshold``; ``selection.itc_cut``).
     ``use_filter``: drop texts with ITM p(match) < ``threshold``; ``use_captioner``: add the
     synthetic captions. ``max_shard_samples``: samples per output tar (<= 10000, 4-digit index)."""
 
     threshold: float = DEFAULT_THRESHOLD
+    score: str = "itm"  # itm: p(match) >= threshold | itc: cosine, dropping as many as ITM does at threshold
     use_filter: bool = True
     use_captioner: bool = True
     max_shard_samples: int = MAX_SHARD_SIZE
@@ -125,6 +129,8 @@ class AssembleConfig:
             raise ValueError(f"threshold={self.threshold}: a probability, in [0, 1]")
         if not 1 <= self.max_shard_samples <= MAX_SHARD_SIZE:
             raise ValueError(f"max_shard_samples={self.max_shard_samples}: must be in 1..{MAX_SHARD_SIZE}")
+        if self.score not in FILTER_SCORES:
+            raise ValueError(f"score={self.score!r} unknown; use one of {FILTER_SCORES}")
         check_fan_out(self.workers, self.executor)
 
     @property

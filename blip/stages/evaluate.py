@@ -56,7 +56,8 @@ def report(stage, params: Params, tracker: Tracker, *, metrics: list[str], out: 
            filter_quality: str | None = None, dataset: str | None = None, lock: str = "dvc.lock",
            json_out: str | None = None) -> dict:
     """``metrics``: ``NAME=PATH`` evaluation files, side by side in that order."""
-    from ..evaluate.report import metrics_table
+    from ..evaluate.report import dataset_table, filter_by_kind, headline, metrics_table
+    from ..machine import describe
     from ..pipeline.mlflow_datasets import lock_md5
 
     runs = {}
@@ -65,13 +66,18 @@ def report(stage, params: Params, tracker: Tracker, *, metrics: list[str], out: 
         if not sep:
             raise StageError(f"--metrics {item!r}: use NAME=PATH, e.g. baseline=metrics/evaluate_baseline.json")
         runs[name] = json.loads(Path(path).read_text())
-    parts = [f"# Bootstrap report\n\n{_factors_line(params)}\n\n## Downstream metrics\n\n{metrics_table(runs)}\n"]
     extra: dict[str, dict] = {}
-    for key, title, path in (("dataset", "Bootstrapped dataset", dataset_stats),
-                             ("filter_quality", "Filter quality (hidden noise labels)", filter_quality)):
+    for key, path in (("dataset", dataset_stats), ("filter_quality", filter_quality)):
         if path:
             extra[key] = json.loads(Path(path).read_text())
-            parts.append(f"## {title}\n\n{metrics_table({'value': extra[key]})}\n")
+    parts = [f"# Bootstrap report\n\n{_factors_line(params)}\nMachine: {describe()}.\n",
+             f"## Baseline vs CapFilt\n\n{headline(runs)}"]
+    if "filter_quality" in extra:
+        parts.append(f"## The filter, per noise kind (hidden labels; evaluation only)\n\n"
+                     f"{filter_by_kind(extra['filter_quality'])}")
+    if "dataset" in extra:
+        parts.append(f"## The bootstrapped dataset\n\n{dataset_table(extra['dataset'])}")
+    parts.append(f"## All downstream metrics\n\n{metrics_table(runs)}")
     md5 = lock_md5(dataset, lock) if dataset else None  # the bootstrapped dataset's version
     times = tracker.stage_durations()
     if times:
