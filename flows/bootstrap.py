@@ -176,6 +176,21 @@ def results_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def inline_images(markdown: str, root: Path, limit: int = 2 << 20) -> str:
+    """``![alt](path.png)`` → a data URI, so the Prefect UI shows the picture (e.g. the CapFilt
+    gallery) without access to the workspace; images over ``limit`` bytes or missing stay links."""
+    import base64
+    import re
+
+    def inline(m: re.Match) -> str:
+        path = root / m.group(2)
+        if not path.is_file() or path.suffix.lower() != ".png" or path.stat().st_size > limit:
+            return m.group(0)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", inline, markdown)
+
+
 def publish(root: Path, run_id: str | None, report: bool) -> None:
     """Prefect artifacts: the results table and ``report.md`` (when the report stage was part of
     this run), and a link to the MLflow parent run."""
@@ -185,7 +200,8 @@ def publish(root: Path, run_id: str | None, report: bool) -> None:
                               description="Downstream metrics: baseline (pre-trained on noisy web text) vs CapFilt")
     md = root / "report.md"
     if report and md.is_file():
-        create_markdown_artifact(key="bootstrap-report", markdown=md.read_text(), description="report.md")
+        create_markdown_artifact(key="bootstrap-report", markdown=inline_images(md.read_text(), root),
+                                 description="report.md")
     if run_id:
         create_link_artifact(key="mlflow-run", link=tracking.run_url(root, run_id), link_text="MLflow parent run",
                              description="The MLflow run of this bootstrap (one child run per executed stage)")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
-FILES = ["dvc.yaml", "params.yaml", "params-smoke.yaml", "prefect.yaml", "flows", ".dvcignore"]
+FILES = ["dvc.yaml", "params.yaml", "params-smoke.yaml", "params-quick.yaml", "prefect.yaml", "flows", ".dvcignore"]
 GITIGNORE = (PROJECT / ".gitignore").read_text()
 
 

@@ -226,3 +226,8 @@ def test_prefect_yaml_deploys_to_the_work_pool(prefect, served):
     assert dep["work_pool_name"] == "blip-gpu"
     assert dep["parameters"] == {"variant": "smoke"}
     assert dep["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $BLIP_ROOT }}"}}]
+    # the study flow deploys too (its parameters come from flows/study.py's signature)
+    run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "-n", "quick"], repo, **env)
+    study = _api(api_url, "/deployments/name/study/quick")
+    assert study["entrypoint"] == "flows/study.py:study" and study["parameters"] == {"size": "quick"}
+    assert set(study["parameter_openapi_schema"]["properties"]) == {"size", "tables", "seeds", "root"}

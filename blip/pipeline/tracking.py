@@ -228,6 +228,35 @@ def resolve_parent(root: str | Path, params: Params) -> tuple[str, bool]:
     return start_parent(root, params), False
 
 
+def log_study(root: str | Path, summary: dict, files: list[str]) -> str:
+    """One run ``study`` in the bootstrap experiment: per cell and metric the mean (and std) over
+    seeds as metrics, the comparisons' verdicts as tags, ``docs/study.md`` and the charts as
+    artifacts. Returns the run id."""
+    import statistics
+
+    from ..params import load as load_params
+
+    root = Path(root).resolve()
+    client = _client(root)
+    exp_id = _experiment_id(client, root, load_params(root / "params.yaml"))
+    run = client.create_run(exp_id, tags={ROLE_TAG: "study", WORKSPACE_TAG: str(root), "git.commit": _git_commit(root)},
+                            run_name="study")
+    metrics = {}
+    for cell, values in summary["cells"].items():
+        for m, v in values.items():
+            if v:
+                metrics[f"{cell}/{m}/mean"] = statistics.mean(v)
+                if len(v) > 1:
+                    metrics[f"{cell}/{m}/std"] = statistics.stdev(v)
+    _log_metrics(client, run.info.run_id, metrics, None)
+    _set_tags(client, run.info.run_id, {f"verdict.table{c['table']}.{c['better']}-vs-{c['worse']}.{c['metric']}":
+                                        c["verdict"] for c in summary["comparisons"]})
+    for f in files:
+        client.log_artifact(run.info.run_id, f)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
 def finish_parent(root: str | Path, run_id: str, status: str = "FINISHED") -> None:
     """End the parent run (``FINISHED``, ``FAILED`` or ``KILLED``)."""
     _client(root).set_terminated(run_id, status=status)

@@ -49,10 +49,19 @@ def assemble(stage, params: Params, tracker: Tracker, *, human: list[str], web: 
     return result
 
 
-def filter_quality(stage, params: Params, tracker: Tracker, *, scores: str, web: list[str], out: str) -> dict:
+def filter_quality(stage, params: Params, tracker: Tracker, *, scores: str, web: list[str], out: str,
+                   gallery: str | None = None) -> dict:
     from ..evaluate.filter_quality import evaluate_filter
 
     m = evaluate_filter(scores, web, threshold=params.assemble.threshold)
     write_json(out, m)
     tracker.log_metrics(numeric(m, "filter_quality/"))
+    if gallery:
+        from pathlib import Path
+
+        from ..evaluate.gallery import capfilt_gallery
+
+        Path(gallery).parent.mkdir(parents=True, exist_ok=True)
+        capfilt_gallery(web, scores, gallery, threshold=params.assemble.threshold)
+        tracker.log_artifact(gallery)
     return {k: m[k] for k in ("precision", "recall", "auc", "drop_rate")}

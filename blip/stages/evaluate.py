@@ -4,6 +4,7 @@ CapFilt side by side; ends the MLflow bootstrap run)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..params import Params
@@ -54,7 +55,7 @@ def _factors_line(params: Params) -> str:
 
 def report(stage, params: Params, tracker: Tracker, *, metrics: list[str], out: str, dataset_stats: str | None = None,
            filter_quality: str | None = None, dataset: str | None = None, lock: str = "dvc.lock",
-           json_out: str | None = None) -> dict:
+           json_out: str | None = None, gallery: str | None = None) -> dict:
     """``metrics``: ``NAME=PATH`` evaluation files, side by side in that order."""
     from ..evaluate.report import dataset_table, filter_by_kind, headline, metrics_table
     from ..machine import describe
@@ -75,6 +76,10 @@ def report(stage, params: Params, tracker: Tracker, *, metrics: list[str], out: 
     if "filter_quality" in extra:
         parts.append(f"## The filter, per noise kind (hidden labels; evaluation only)\n\n"
                      f"{filter_by_kind(extra['filter_quality'])}")
+    if gallery:
+        rel = os.path.relpath(gallery, Path(out).parent or ".")
+        parts.append(f"![CapFilt: web and synthetic texts, kept (green) and dropped (red)]({rel})\n")
+        tracker.log_artifact(gallery)
     if "dataset" in extra:
         parts.append(f"## The bootstrapped dataset\n\n{dataset_table(extra['dataset'])}")
     parts.append(f"## All downstream metrics\n\n{metrics_table(runs)}")

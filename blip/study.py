@@ -1,0 +1,290 @@
+"""The paper's ablations (Tables 1-4, the Table 12 control, DataComp's ITC filter) at the embedded
+scale, over training seeds, by one command::
+
+    python -m blip.study                       # full size (params.yaml as it is), seeds 0 1 2
+    python -m blip.study --size quick          # a laptop: params-quick.yaml overlaid first
+    python -m blip.study --tables 2 4 --seeds 0 1
+
+Every cell is one ``dvc exp run -S ... --name study-<cell>-s<seed>`` in this repository, so each is a
+DVC experiment (``dvc exp show``) and an MLflow bootstrap run, and every stage a cell shares with an
+earlier one (same params, same inputs) is restored from DVC's run cache instead of re-run: the
+Table 1 settings share pre-training, fine-tuning, captioning and filtering, and differ from
+``assemble`` on. Each cell sets *every* factor, so cells do not inherit each other's settings.
+
+Results go to ``study/results.jsonl`` (one line per finished cell; a rerun skips them, so an
+interrupted study resumes), then ``docs/study.md`` and ``docs/study-*.png``: mean ± std over
+seeds per cell, and each paper comparison with its per-seed paired difference and a verdict —
+**reproduced** (the paper's sign, |mean| > 2 standard errors), **not reproduced** (the opposite
+sign, same bar) or **inconclusive**. The markdown and charts are also logged to MLflow (run
+``study``) and, when run by the Prefect flow ``study``, published as artifacts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: what a cell sets when it does not vary it: the BLIP defaults of every factor
+BASE = {"capfilt.parts": "both", "capfilt.decoding": "nucleus", "capfilt.models": "decoupled",
+        "capfilt.filter_score": "itm", "model.sharing": "all_except_sa", "repretrain.max_steps": 0}
+SEED_KEYS = ("warmstart_vision.seed", "pretrain.seed", "finetune_captioner.seed", "finetune_filter.seed",
+             "finetune_shared.seed", "repretrain.seed", "caption.seed")
+SIZES = ("full", "quick", "smoke")
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    tables: tuple[str, ...]
+    sets: dict = field(default_factory=dict)
+    measure: str = "capfilt"  # which model's downstream metrics the cell is about: capfilt | baseline
+
+
+CELLS = (
+    Cell("both", ("1", "2", "4", "12", "datacomp")),
+    Cell("none", ("1",), {"capfilt.parts": "none"}),
+    Cell("filter", ("1",), {"capfilt.parts": "filter"}),
+    Cell("captioner", ("1",), {"capfilt.parts": "captioner"}),
+    Cell("beam", ("2",), {"capfilt.decoding": "beam"}),
+    Cell("sa", ("3",), {}, measure="baseline"),  # all except SA: BLIP's, the default
+    Cell("all", ("3",), {"model.sharing": "all"}, measure="baseline"),
+    Cell("ca", ("3",), {"model.sharing": "all_except_ca"}, measure="baseline"),
+    Cell("no-sharing", ("3",), {"model.sharing": "none"}, measure="baseline"),
+    Cell("shared", ("4",), {"capfilt.models": "shared"}),
+    Cell("equal-steps", ("12",), {"repretrain.max_steps": "BASELINE_STEPS"}),
+    Cell("itc", ("datacomp",), {"capfilt.filter_score": "itc"}),
+    Cell("baseline", ("1", "12"), {}, measure="baseline"),  # the noisy-data model (no CapFilt)
+)
+
+#: the paper's comparisons: (table, better cell, worse cell, metric, what the paper found)
+COMPARISONS = (
+    ("1", "filter", "baseline", "test/r_mean", "Table 1: the filter alone helps (COCO TR@1 78.4 → 79.1)"),
+    ("1", "captioner", "baseline", "test/r_mean", "Table 1: the captioner alone helps (78.4 → 79.7)"),
+    ("1", "both", "filter", "test/r_mean", "Table 1: both beat the filter alone (80.6 vs 79.1)"),
+    ("1", "both", "captioner", "test/r_mean", "Table 1: both beat the captioner alone (80.6 vs 79.7)"),
+    ("1", "both", "none", "test/r_mean", "Table 1 (re-pre-trained on the same noisy data): CapFilt helps"),
+    ("2", "both", "beam", "test/r_mean", "Table 2: nucleus beats beam downstream (80.6 vs 79.6)"),
+    ("2", "both", "beam", "dataset/noise_ratio", "Table 2: nucleus captions are noisier (25% vs 19%)"),
+    ("3", "sa", "all", "test/r_mean", "Table 3: all-except-SA beats sharing all (78.4 vs 77.3)"),
+    ("3", "sa", "ca", "test/r_mean", "Table 3: all-except-SA beats all-except-CA (78.4 vs 77.5)"),
+    ("3", "sa", "no-sharing", "test/r_mean", "Table 3: all-except-SA about equals no sharing (78.4 vs 78.3)"),
+    ("4", "both", "shared", "test/r_mean", "Table 4: decoupled beats shared (80.6 vs 79.8)"),
+    ("4", "both", "shared", "dataset/noise_ratio", "Table 4: a shared filter drops fewer synthetic captions (25% vs 8%)"),
+    ("12", "equal-steps", "baseline", "test/r_mean", "Table 12: CapFilt helps at the baseline's number of steps"),
+    ("datacomp", "both", "itc", "test/r_mean", "DataComp baseline: ITM filter vs ITC cosine at equal kept count"),
+)
+METRICS = ("test/r_mean", "zeroshot/r_mean", "test/CIDEr", "dataset/noise_ratio", "filter/auc")
+
+
+def cells_for(tables: list[str]) -> list[Cell]:
+    return [c for c in CELLS if set(c.tables) & set(tables)]
+
+
+def cell_sets(cell: Cell, seed: int, baseline_steps: int | None) -> dict[str, Any]:
+    sets = {**BASE, **cell.sets, **{k: seed for k in SEED_KEYS}}
+    if sets["repretrain.max_steps"] == "BASELINE_STEPS":
+        if not baseline_steps:
+            raise RuntimeError("the equal-steps cell needs the baseline's pre-training steps (run cell 'both' first)")
+        sets["repretrain.max_steps"] = baseline_steps
+    return sets
+
+
+def measure(root: Path) -> dict[str, dict[str, Any]]:
+    """The numbers of the experiment just run in ``root`` (its metrics files), for both models:
+    ``baseline`` (pre-trained on the noisy data) and ``capfilt`` (on the bootstrapped data)."""
+    report = json.loads((root / "metrics" / "report.json").read_text())
+    steps = json.loads((root / "metrics" / "train" / "pretrain.json").read_text())["steps"]
+    out = {}
+    for side in ("baseline", "capfilt"):
+        m = report[side]
+        out[side] = {k: m[k] for k in ("test/r_mean", "zeroshot/r_mean", "test/CIDEr", "test/txt_r1", "test/img_r1")
+                     if isinstance(m.get(k), (int, float))} | {"pretrain/steps": steps}
+    ds, fq = report.get("dataset") or {}, report.get("filter_quality") or {}
+    for k in ("noise_ratio", "web_drop_ratio"):
+        if ds.get(k) is not None:
+            out["capfilt"][f"dataset/{k}"] = ds[k]
+    if fq.get("auc") is not None:
+        out["capfilt"]["filter/auc"] = fq["auc"]
+    return out
+
+
+def _dvc(root: Path, args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "dvc", *args]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=root, check=True)
+
+
+def run_cells(root: Path, cells: list[Cell], seeds: list[int], results: Path) -> list[dict]:
+    """Run every (cell, seed) not yet in ``results``; returns all result rows. Cells with the same
+    settings (the default run is the ``both`` cell, its baseline column the ``baseline`` and ``sa``
+    cells) share one experiment."""
+    done = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
+    have = {(r["cell"], r["seed"]) for r in done}
+    runs = {(r["seed"], r["experiment"]): r["both_sides"] for r in done}
+    order = sorted(cells, key=lambda c: c.name != "both")  # "both" first: its pre-training steps feed equal-steps
+    for seed in seeds:
+        for cell in order:
+            if (cell.name, seed) in have:
+                continue
+            steps = next((r["metrics"]["pretrain/steps"] for r in done if r["seed"] == seed and r["cell"] == "both"),
+                         None)
+            sets = cell_sets(cell, seed, steps)
+            diffs = [f"{k.split('.')[-1]}-{v}" for k, v in sets.items() if k not in SEED_KEYS and BASE[k] != v]
+            name = f"study-{'-'.join(diffs) or 'default'}-s{seed}"  # one DVC experiment per distinct setting
+            t0 = time.time()
+            if (seed, name) not in runs:
+                _dvc(root, ["exp", "run", "--name", name, *[a for k, v in sets.items() for a in ("-S", f"{k}={v}")]])
+                runs[(seed, name)] = measure(root)
+            row = {"cell": cell.name, "seed": seed, "experiment": name, "sets": sets,
+                   "seconds": round(time.time() - t0, 1), "metrics": runs[(seed, name)][cell.measure],
+                   "both_sides": runs[(seed, name)]}
+            done.append(row)
+            results.parent.mkdir(parents=True, exist_ok=True)
+            with results.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+    return done
+
+
+def _by(rows: list[dict], cell: str, metric: str) -> dict[int, float]:
+    return {r["seed"]: r["metrics"][metric] for r in rows if r["cell"] == cell and metric in r["metrics"]}
+
+
+def verdict(diffs: list[float]) -> str:
+    """Paired per-seed differences (better − worse as the paper has it) → a verdict."""
+    if len(diffs) < 2:
+        return "inconclusive (one seed)"
+    mean, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+    if abs(mean) > 2 * se and mean != 0:
+        return "reproduced" if mean > 0 else "not reproduced"
+    return "inconclusive"
+
+
+def _ms(values: list[float], scale: float = 1.0) -> str:
+    if not values:
+        return "–"
+    m = statistics.mean(values) * scale
+    return f"{m:.2f} ± {statistics.stdev(values) * scale:.2f}" if len(values) > 1 else f"{m:.2f}"
+
+
+def summarize(rows: list[dict], tables: list[str]) -> dict[str, Any]:
+    cells = [c for c in CELLS if any(r["cell"] == c.name for r in rows)]
+    table = {c.name: {m: sorted(_by(rows, c.name, m).values()) for m in METRICS} for c in cells}
+    comps = []
+    for tab, better, worse, metric, claim in COMPARISONS:
+        if tab not in tables:
+            continue
+        a, b = _by(rows, better, metric), _by(rows, worse, metric)
+        seeds = sorted(set(a) & set(b))
+        diffs = [a[s] - b[s] for s in seeds]
+        if tab == "datacomp":
+            v = "compare"  # no paper claim: the two filters side by side
+        elif "about equals" in claim:  # reproduced when the difference is within noise
+            v = verdict(diffs) if len(diffs) < 2 else (
+                "reproduced" if verdict(diffs) == "inconclusive" else "not reproduced")
+        else:
+            v = verdict(diffs)
+        comps.append({"table": tab, "better": better, "worse": worse, "metric": metric, "claim": claim,
+                      "seeds": seeds, "diffs": diffs, "verdict": v if seeds else "not run"})
+    return {"cells": table, "comparisons": comps}
+
+
+def write_markdown(summary: dict, rows: list[dict], out: Path, size: str, charts: list[str]) -> None:
+    seeds = sorted({r["seed"] for r in rows})
+    wall = sum(r["seconds"] for r in rows)
+    lines = [f"# The study: BLIP's ablations at the embedded scale ({size} size)\n",
+             f"Seeds {', '.join(map(str, seeds))}; {len(rows)} experiments, {wall / 3600:.1f} h of `dvc exp run` "
+             f"wall time (stages restored from the run cache count as seconds). Produced by `python -m blip.study"
+             f"{'' if size == 'full' else ' --size ' + size}`; raw rows: `study/results.jsonl`.\n",
+             "## Cells (mean ± std over seeds)\n",
+             "| cell | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    for cell, metrics in summary["cells"].items():
+        lines.append(f"| {cell} | " + " | ".join(_ms(metrics[m]) for m in METRICS) + " |")
+    lines += ["", "## The paper's comparisons\n",
+              "| table | claim | ours: better − worse per seed | mean ± std | verdict |", "|---|---|---|---:|---|"]
+    for c in summary["comparisons"]:
+        per_seed = ", ".join(f"{d:+.2f}" for d in c["diffs"]) or "–"
+        lines.append(f"| {c['table']} | {c['claim']} ({c['better']} vs {c['worse']}, {c['metric']}) | {per_seed} | "
+                     f"{_ms(c['diffs'])} | {c['verdict']} |")
+    lines += ["", *[f"![{Path(p).stem}]({Path(p).name})" for p in charts], ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+
+
+def draw_charts(summary: dict, out_dir: Path, tables: list[str]) -> list[str]:
+    """One PNG per table: bars = mean over seeds, error bars = std, per metric panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for tab in tables:
+        names = [c.name for c in CELLS if tab in c.tables and c.name in summary["cells"]]
+        if not names:
+            continue
+        metrics = [m for m in ("test/r_mean", "zeroshot/r_mean", "dataset/noise_ratio")
+                   if any(summary["cells"][n][m] for n in names)]
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+        for ax, m in zip(axes[0], metrics):
+            vals = [summary["cells"][n][m] for n in names]
+            means = [statistics.mean(v) if v else 0.0 for v in vals]
+            stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+            ax.bar(names, means, yerr=stds, capsize=4, color="#4c72b0")
+            ax.set_title(m, fontsize=10)
+            ax.tick_params(axis="x", rotation=30, labelsize=8)
+        fig.suptitle(f"Table {tab}" if tab[0].isdigit() else tab, fontsize=11)
+        fig.tight_layout()
+        path = out_dir / f"study-table-{tab}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
+
+
+def log_mlflow(root: Path, summary: dict, files: list[str]) -> None:
+    from .pipeline import tracking
+
+    tracking.log_study(root, summary, files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m blip.study", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=SIZES, default="full",
+                    help="full: params.yaml as it is; quick: overlay params-quick.yaml; smoke: params-smoke.yaml")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--tables", nargs="+", default=["1", "2", "3", "4", "12", "datacomp"],
+                    choices=["1", "2", "3", "4", "12", "datacomp"])
+    ap.add_argument("--root", default=".", help="the project checkout (a git + DVC repository)")
+    ap.add_argument("--out", default="docs/study.md")
+    ap.add_argument("--results", default="study/results.jsonl")
+    ap.add_argument("--no-mlflow", action="store_true")
+    a = ap.parse_args(argv)
+    root = Path(a.root).resolve()
+    if a.size != "full":
+        from .params import apply_variant
+
+        apply_variant(root / "params.yaml", a.size)
+    rows = run_cells(root, cells_for(a.tables), a.seeds, root / a.results)
+    rows = [r for r in rows if r["seed"] in a.seeds]
+    summary = summarize(rows, a.tables)
+    out = root / a.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    charts = draw_charts(summary, out.parent, a.tables)
+    write_markdown(summary, rows, out, a.size, charts)
+    (root / a.results).with_name("summary.json").write_text(json.dumps(summary, indent=1))
+    if not a.no_mlflow:
+        log_mlflow(root, summary, [str(out), *charts])
+    print(out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

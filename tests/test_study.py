@@ -1,0 +1,73 @@
+"""The study (Tables 1-4, the Table 12 control, DataComp's ITC filter over seeds): verdicts, and one
+smoke-size study end to end on a real DVC repository and MLflow store."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from pipeline_repo import make_repo, run
+
+from blip.study import BASE, CELLS, SEED_KEYS, cell_sets, cells_for, summarize, verdict
+
+
+def test_verdict_needs_the_sign_and_two_standard_errors():
+    assert verdict([1.0, 1.2, 0.9]) == "reproduced"
+    assert verdict([-1.0, -1.2, -0.9]) == "not reproduced"
+    assert verdict([1.0, -1.0, 0.5]) == "inconclusive"
+    assert verdict([3.0]) == "inconclusive (one seed)"
+
+
+def test_cells_set_every_factor_and_every_seed():
+    both = next(c for c in CELLS if c.name == "both")
+    sets = cell_sets(both, 2, baseline_steps=564)
+    assert {k: sets[k] for k in BASE} == BASE and all(sets[k] == 2 for k in SEED_KEYS)
+    equal = next(c for c in CELLS if c.name == "equal-steps")
+    assert cell_sets(equal, 0, baseline_steps=564)["repretrain.max_steps"] == 564
+    with pytest.raises(RuntimeError, match="baseline's pre-training steps"):
+        cell_sets(equal, 0, baseline_steps=None)
+    assert {c.name for c in cells_for(["3"])} == {"sa", "all", "ca", "no-sharing"}
+
+
+def test_summary_pairs_seeds_and_judges_each_claim():
+    rows = []
+    for seed in (0, 1, 2):
+        rows += [{"cell": "both", "seed": seed, "metrics": {"test/r_mean": 50 + seed, "dataset/noise_ratio": 0.3}},
+                 {"cell": "beam", "seed": seed, "metrics": {"test/r_mean": 45 + seed, "dataset/noise_ratio": 0.2}},
+                 {"cell": "itc", "seed": seed, "metrics": {"test/r_mean": 49 + seed}}]
+    s = summarize(rows, ["2", "datacomp"])
+    assert s["cells"]["both"]["test/r_mean"] == [50, 51, 52]
+    by = {(c["better"], c["worse"], c["metric"]): c for c in s["comparisons"]}
+    assert by[("both", "beam", "test/r_mean")]["diffs"] == [5, 5, 5]
+    assert by[("both", "beam", "test/r_mean")]["verdict"] == "reproduced"  # the same +5 on every seed
+    assert by[("both", "itc", "test/r_mean")]["verdict"] == "compare"
+
+
+@pytest.mark.pipeline
+def test_smoke_study_runs_dvc_experiments_and_writes_the_tables(tmp_path):
+    repo = make_repo(tmp_path / "repo", variant=None)
+    p = run([sys.executable, "-m", "blip.study", "--size", "smoke", "--tables", "2", "datacomp", "--seeds", "0",
+             "--root", str(repo)], repo, timeout=1500)
+    rows = [json.loads(line) for line in (repo / "study/results.jsonl").read_text().splitlines()]
+    assert sorted(r["cell"] for r in rows) == ["beam", "both", "itc"]
+    assert len({r["experiment"] for r in rows}) == 3
+    beam = next(r for r in rows if r["cell"] == "beam")
+    assert beam["sets"]["capfilt.decoding"] == "beam" and "dataset/noise_ratio" in beam["metrics"]
+    exps = run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], repo).stdout.split()
+    assert {r["experiment"] for r in rows} <= set(exps)
+    md = (repo / "docs/study.md").read_text()
+    assert "| both |" in md and "Table 2: nucleus beats beam downstream" in md and "inconclusive (one seed)" in md
+    assert (repo / "docs/study-table-2.png").stat().st_size > 1000
+    # resumable: a second call runs nothing new
+    again = run([sys.executable, "-m", "blip.study", "--size", "smoke", "--tables", "2", "datacomp", "--seeds", "0",
+                 "--root", str(repo), "--no-mlflow"], repo, timeout=600)
+    assert "exp run" not in again.stdout and len((repo / "study/results.jsonl").read_text().splitlines()) == 3
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("blip-bootstrap")
+    study = client.search_runs([exp.experiment_id], filter_string="tags.`blip.role` = 'study'")
+    assert len(study) == 1 and "both/test/r_mean/mean" in study[0].data.metrics
+    assert {a.path for a in client.list_artifacts(study[0].info.run_id)} >= {"study.md", "study-table-2.png"}
+    assert "+ " in p.stdout
