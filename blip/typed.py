@@ -36,6 +36,7 @@ def build(cls: type[T], d: dict[str, Any], where: str = "") -> T:
         if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
             kwargs[k] = build(hints[k], v, key)
             continue
+        v = _float_literal(v, hints[k])
         try:
             _check_type(key, v, hints[k])
         except TypeError as e:
@@ -47,6 +48,18 @@ def build(cls: type[T], d: dict[str, Any], where: str = "") -> T:
         raise
     except (ValueError, TypeError) as e:  # the dataclass's own checks
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def _float_literal(value: Any, hint: Any) -> Any:
+    """``"1e-4"`` → ``0.0001`` for a float field: YAML 1.1 (PyYAML, ``dvc exp run -S``) reads an
+    exponent without a dot as a string, and everyone writes learning rates that way."""
+    wants_float = hint is float or float in typing.get_args(hint)
+    if wants_float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _check_type(key: str, value: Any, hint: Any) -> None:

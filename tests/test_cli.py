@@ -99,3 +99,13 @@ def test_overrides_parse_yaml_values():
     for bad in ("nonsense", "novalue", "=3"):
         with pytest.raises(ParamsError, match="section.key=value"):
             parse_overrides([bad])
+
+
+def test_exponent_learning_rates_are_floats(tmp_path):
+    """YAML 1.1 reads 1e-4 as a string; a float field takes it as the number everyone means."""
+    p = params_module.load("params.yaml", ["finetune_filter.lr=1e-4", "pretrain.min_lr=3E-6"])
+    assert p.finetune_filter.lr == pytest.approx(1e-4) and p.pretrain.min_lr == pytest.approx(3e-6)
+    with pytest.raises(ParamsError, match="finetune_filter.lr='fast'"):
+        params_module.load("params.yaml", ["finetune_filter.lr=fast"])
+    with pytest.raises(ParamsError, match="parts='1e-4' unknown"):
+        params_module.load("params.yaml", ["capfilt.parts=1e-4"])  # a str field keeps its string (and is checked)
