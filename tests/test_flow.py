@@ -10,6 +10,7 @@ stage a fresh ``python -m blip`` process: a few minutes on 2 cores); the rest ta
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -208,7 +209,11 @@ def test_full_deployment_runs_the_pipeline(prefect, served):
     assert numeric and numeric <= {r["metric"] for r in rows}
     row = next(r for r in rows if r["metric"] in report["baseline"] and r["metric"] in report["capfilt"])
     assert row["baseline"] == pytest.approx(report["baseline"][row["metric"]], abs=1e-4)
-    assert artifacts["bootstrap-report"]["data"] == (repo / "report.md").read_text()
+    report_md = (repo / "report.md").read_text()
+    link = "](plots/capfilt_gallery.png)"
+    assert link in report_md  # the gallery, linked from report.md and inlined for the Prefect UI
+    assert artifacts["bootstrap-report"]["data"] == report_md.replace(link, "](data:image/png;base64," + base64.b64encode(
+        (repo / "plots/capfilt_gallery.png").read_bytes()).decode() + ")")
     assert parent.info.run_id in artifacts["mlflow-run"]["data"]
 
 
