@@ -167,11 +167,11 @@ def verdict(diffs: list[float]) -> str:
     return "inconclusive"
 
 
-def _ms(values: list[float], scale: float = 1.0) -> str:
+def _ms(values: list[float]) -> str:
     if not values:
         return "–"
-    m = statistics.mean(values) * scale
-    return f"{m:.2f} ± {statistics.stdev(values) * scale:.2f}" if len(values) > 1 else f"{m:.2f}"
+    m = statistics.mean(values)
+    return f"{m:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{m:.2f}"
 
 
 def summarize(rows: list[dict], tables: list[str]) -> dict[str, Any]:

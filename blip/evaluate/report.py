@@ -94,8 +94,8 @@ def headline(runs: Mapping[str, Mapping], base: str = "baseline", new: str = "ca
         verdict = "better" if b > a else "worse" if b < a else "no different"
         lead = (f"The model pre-trained on the bootstrapped data is **{verdict}** than the noisy-data baseline on "
                 f"test retrieval: r_mean {b:.1f} vs {a:.1f} (Δ {b - a:+.1f}; one seed, one run).\n\n")
-    table = metrics_table({base: runs[base], new: runs[new]}, rows=rows, delta=True)
-    return lead + table.split("\n\n- ")[0].rstrip("\n") + "\n"  # notes about skipped metrics go to the details
+    bare = {name: {k: v for k, v in runs[name].items() if k != NOTES_KEY} for name in (base, new)}
+    return lead + metrics_table(bare, rows=rows, delta=True)  # notes about skipped metrics go to the details
 
 
 def filter_by_kind(fq: Mapping) -> str:

@@ -12,11 +12,9 @@ def warmstart_vision(stage, params: Params, tracker: Tracker, *, out: str, metri
     ws = params.warmstart_vision
     if not ws.enabled:
         return skip(out, "warmstart_vision.enabled is false: pre-training starts from random weights")
-    from ..model.config import load_preset
     from ..train.warmstart import train_vision
 
-    vision = load_preset(params.model.preset, vision=params.model.vision).vision
-    summary = train_vision(ws, vision, params.generate.world, out, tracker=tracker)
+    summary = train_vision(ws, params.model.config({}).vision, params.generate.world, out, tracker=tracker)
     held = summary["held_out"]
     if metrics:
         write_json(metrics, {k: summary[k] for k in ("steps", "final_bce", "images_per_s", "train_seconds", "bf16")}
@@ -47,8 +45,6 @@ def train(stage, params: Params, tracker: Tracker, *, shards: list[str], out: st
         model_cfg = params.model.config(tok.special_ids)
         if vision_init is not None and skipped(vision_init):
             vision_init = None  # warm start disabled: from random weights
-    elif vision_init is not None:
-        raise StageError(f"{stage.name}: --vision-init warm-starts training from scratch; --init already has a ViT")
     elif skipped(init):
         raise StageError(f"{stage.name}: {init} holds no trained model (its stage was skipped)")
     engine_trackers = [tracker, *([JsonlTracker(log)] if log else []), *([CsvTracker(plot)] if plot else [])]

@@ -100,7 +100,8 @@ def train(
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
 
-    chash = config_hash({"train": cfg.to_dict(), "model": model.cfg.to_dict(), "init": str(init), "vision_init": str(vision_init), "world": world,
+    chash = config_hash({"train": cfg.to_dict(), "model": model.cfg.to_dict(), "init": str(init),
+                         "vision_init": str(vision_init), "world": world,
                          "shards": [str(u) for u in loader.urls]})
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     saved = read_state(resume_dir)

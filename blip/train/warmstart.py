@@ -48,8 +48,10 @@ from ..data.world import (
     sample_rngs,
     sample_scene,
 )
+from ..evaluate.filter_quality import roc_auc
 from ..model.config import VisionConfig
 from .config import WarmstartConfig
+from .optim import param_groups
 
 WEIGHTS = "vision.safetensors"
 CARD = "vision.json"
@@ -103,12 +105,6 @@ def labelled_set(n: int, seed: int, world: WorldConfig) -> tuple[torch.Tensor, t
     return images, torch.from_numpy(labels), names
 
 
-def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    from ..evaluate.filter_quality import roc_auc
-
-    return roc_auc(scores, positive)
-
-
 @torch.no_grad()
 def held_out_metrics(vit, head, images, labels, names, device, batch_size: int = 256) -> dict[str, float]:
     """Per label group: exact-match accuracy of the group's bits and mean ROC-AUC of its labels."""
@@ -120,7 +116,7 @@ def held_out_metrics(vit, head, images, labels, names, device, batch_size: int =
     out: dict[str, float] = {}
     for group, idx in label_groups(names).items():
         out[f"{group}/exact"] = round(float((pred[:, idx] == y[:, idx]).all(1).float().mean()), 4)
-        aucs = [_auc(logits[:, j].numpy(), y[:, j].numpy() > 0) for j in idx if 0 < y[:, j].sum() < len(y)]
+        aucs = [roc_auc(logits[:, j].numpy(), y[:, j].numpy() > 0) for j in idx if 0 < y[:, j].sum() < len(y)]
         out[f"{group}/auc"] = round(float(np.mean(aucs)), 4) if aucs else float("nan")
     return out
 
@@ -143,10 +139,10 @@ def train_vision(cfg: WarmstartConfig, vision: VisionConfig, world: WorldConfig,
     torch.manual_seed(cfg.seed)
     vit = VisionEncoder(vision).to(device)
     head = nn.Linear(vision.width, len(names)).to(device)
-    decay = [p for n, p in vit.named_parameters() if p.ndim > 1 and "pos_embed" not in n] + [head.weight]
-    no_decay = [p for n, p in vit.named_parameters() if p.ndim <= 1 or "pos_embed" in n] + [head.bias]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    groups = param_groups(vit, cfg.weight_decay)  # the trainer's rule (timm's no_weight_decay: pos_embed, cls_token)
+    groups[0]["params"].append(head.weight)
+    groups[1]["params"].append(head.bias)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
     groups = label_groups(names)
     weights = torch.zeros(len(names), device=device)
     for idx in groups.values():
