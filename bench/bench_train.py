@@ -12,7 +12,6 @@ dtype, same threads, same process. Prints one table row per dtype and a JSON lin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
 
-from blip.dist import bf16_enabled  # noqa: E402
+from blip.dist import bf16_enabled, train_autocast  # noqa: E402
 from blip.machine import cpu_name  # noqa: E402
 from blip.model.blip import BlipPretrain  # noqa: E402
 from blip.model.config import load_preset  # noqa: E402
@@ -69,12 +68,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         model = BlipPretrain(cfg).train()
         opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if name == "bf16" else contextlib.nullcontext()
 
         def step(i: int) -> None:
             lo = (i * a.batch_size) % (len(captions) - a.batch_size)
             text = tok(captions[lo:lo + a.batch_size], max_length=30)
-            with autocast:
+            with train_autocast(torch.device("cpu"), name == "bf16"):
                 losses = model(images[lo:lo + a.batch_size], text.input_ids, text.attention_mask, alpha=0.4)
             sum(losses.values()).backward()
             opt.step()

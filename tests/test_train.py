@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from blip.checkpoint import load_model
 from blip.data.corpus import caption_corpus
 from blip.data.generator import GenerateConfig, generate
+from blip.dist import train_autocast
 from blip.model.blip import BlipPretrain
 from blip.model.config import load_preset
 from blip.tokenizer import build_tokenizer
@@ -68,6 +69,25 @@ def world(tmp_path_factory):
 
 def _tiny(tok):  # the tiny preset, two layers per tower, to keep the suite fast
     return load_preset("tiny", text={**tok.special_ids, "num_hidden_layers": 2}, vision={"depth": 2}, queue_size=64)
+
+
+def test_train_autocast_runs_bf16_attention_on_the_math_kernel_on_cpu():
+    """CPU flash attention's bf16 backward is several times slower than the math kernel, so a bf16
+    training step on CPU runs with flash off; gradients agree with float32, and both flags come back."""
+    cpu = torch.device("cpu")
+    assert torch.backends.cuda.flash_sdp_enabled()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 2, 9, 16, requires_grad=True) for _ in range(3))
+    grads = {}
+    for bf16 in (False, True):
+        with train_autocast(cpu, bf16):
+            assert torch.is_autocast_enabled("cpu") is bf16
+            assert torch.backends.cuda.flash_sdp_enabled() is not bf16
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        assert y.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        grads[bf16] = torch.autograd.grad(y.float().square().sum(), q)[0]
+    assert torch.backends.cuda.flash_sdp_enabled() and not torch.is_autocast_enabled("cpu")
+    torch.testing.assert_close(grads[True], grads[False], atol=0.05, rtol=0.05)
 
 
 def test_pretrain_then_finetune_lower_the_losses(world, tmp_path):

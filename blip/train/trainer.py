@@ -123,7 +123,6 @@ def train(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
         )
     bf16 = dist.bf16_enabled(cfg.bf16, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     bar = None
     if main and cfg.progress:
         from tqdm import tqdm
@@ -154,7 +153,7 @@ def train(
                 batch = next(batches)
                 sync = contextlib.nullcontext() if (world == 1 or m == cfg.grad_accum_steps - 1) else ddp.no_sync()
                 with sync:
-                    with autocast:
+                    with dist.train_autocast(device, bf16):
                         losses = compute_losses(cfg, ddp, batch, tok, alpha, device)
                     (sum(losses.values()) / cfg.grad_accum_steps).backward()
                 for k, v in losses.items():

@@ -48,6 +48,7 @@ from ..data.world import (
     sample_rngs,
     sample_scene,
 )
+from ..dist import train_autocast
 from ..evaluate.filter_quality import roc_auc
 from ..model.config import VisionConfig
 from .config import WarmstartConfig
@@ -165,7 +166,7 @@ def train_vision(cfg: WarmstartConfig, vision: VisionConfig, world: WorldConfig,
                 g["lr"] = lr
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             x = normalize(images[idx]).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with train_autocast(device, bf16):
                 logits = head(vit(x)[:, 0])
             per_label = F.binary_cross_entropy_with_logits(logits.float(), labels[idx].to(device), reduction="none")
             loss = (per_label.mean(0) * weights).sum()  # every label group weighs the same
