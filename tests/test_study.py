@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from pipeline_repo import make_repo, run
 
+from blip import params as params_module
 from blip.study import BASE, CELLS, SEED_KEYS, cell_sets, cells_for, summarize, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_verdict_needs_the_sign_and_two_standard_errors():
@@ -28,6 +32,18 @@ def test_cells_set_every_factor_and_every_seed():
     with pytest.raises(RuntimeError, match="baseline's pre-training steps"):
         cell_sets(equal, 0, baseline_steps=None)
     assert {c.name for c in cells_for(["3"])} == {"sa", "all", "ca", "no-sharing"}
+
+
+@pytest.mark.parametrize("variant", [None, "quick", "smoke"])
+def test_every_key_a_cell_sets_is_in_the_params_file(variant):
+    """`dvc exp run -S key=value` refuses a key the file lacks, so each must exist in params.yaml
+    (and stay there after each size's overlay)."""
+    raw = params_module.read(ROOT / "params.yaml")
+    if variant:
+        raw = params_module.apply_overrides(raw, params_module.read(params_module.variant_path(ROOT / "params.yaml", variant)))
+    for key in [*BASE, *SEED_KEYS]:
+        section, name = key.split(".")
+        assert name in raw.get(section, {}), f"{key} is missing from params.yaml ({variant or 'full'})"
 
 
 def test_summary_pairs_seeds_and_judges_each_claim():
