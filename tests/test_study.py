@@ -88,3 +88,13 @@ def test_smoke_study_runs_dvc_experiments_and_writes_the_tables(tmp_path):
     assert len(study) == 1 and "both/test/r_mean/mean" in study[0].data.metrics
     assert {a.path for a in client.list_artifacts(study[0].info.run_id)} >= {"study.md", "study-table-2.png"}
     assert "+ " in p.stdout
+    # Table 3 is about the baseline alone: its cells run the stages up to evaluate@baseline, no CapFilt
+    t3 = run([sys.executable, "-m", "blip.study", "--size", "smoke", "--tables", "3", "--seeds", "0",
+              "--root", str(repo), "--no-mlflow"], repo, timeout=1500)
+    rows = {r["cell"]: r for r in map(json.loads, (repo / "study/results.jsonl").read_text().splitlines())}
+    assert rows["sa"]["experiment"] == rows["both"]["experiment"]  # BLIP's sharing: the default run, reused
+    for cell in ("all", "ca", "no-sharing"):
+        assert rows[cell]["experiment"].endswith("-baseline") and "test/r_mean" in rows[cell]["metrics"]
+        assert "capfilt" not in rows[cell]["both_sides"]
+    assert "Running stage 'pretrain'" in t3.stdout and "Running stage 'repretrain'" not in t3.stdout
+    assert "Table 3: all-except-SA beats sharing all" in (repo / "docs/study.md").read_text()
