@@ -38,6 +38,7 @@ BASE = {"capfilt.parts": "both", "capfilt.decoding": "nucleus", "capfilt.models"
 SEED_KEYS = ("warmstart_vision.seed", "pretrain.seed", "finetune_captioner.seed", "finetune_filter.seed",
              "finetune_shared.seed", "repretrain.seed", "caption.seed")
 SIZES = ("full", "quick", "smoke")
+EPOCHS_UNBOUNDED = 1000  # Table 12's control: epochs as many as max_steps needs (the step schedule decays per epoch)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ def cell_sets(cell: Cell, seed: int, baseline_steps: int | None) -> dict[str, An
         if not baseline_steps:
             raise RuntimeError("the equal-steps cell needs the baseline's pre-training steps (run cell 'both' first)")
         sets["repretrain.max_steps"] = baseline_steps
+        sets["repretrain.epochs"] = EPOCHS_UNBOUNDED  # the steps decide: a smaller bootstrapped set repeats
     return sets
 
 
@@ -139,14 +141,15 @@ def run_cells(root: Path, cells: list[Cell], seeds: list[int], results: Path) ->
             steps = next((r["metrics"]["pretrain/steps"] for r in done if r["seed"] == seed and r["cell"] == "both"),
                          None)
             sets = cell_sets(cell, seed, steps)
-            diffs = [f"{k.split('.')[-1]}-{v}" for k, v in sets.items() if k not in SEED_KEYS and BASE[k] != v]
+            diffs = [f"{k.split('.')[-1]}-{v}" for k, v in sets.items()
+                     if k not in SEED_KEYS and k != "repretrain.epochs" and BASE.get(k) != v]
             name = f"study-{'-'.join(diffs) or 'default'}-s{seed}"  # one DVC experiment per distinct setting
             t0 = time.time()
             args = [a for k, v in sets.items() for a in ("-S", f"{k}={v}")]
             full, part = name, f"{name}-baseline"
             if (seed, full) in runs:
                 exp = full
-            elif cell.measure == "baseline":  # only the noisy-data model's stages: DVC runs what evaluate@baseline needs
+            elif cell.measure == "baseline":  # only the noisy-data model's stages: what evaluate@baseline needs
                 exp = part
                 if (seed, part) not in runs:
                     _dvc(root, ["exp", "run", "--name", part, *args, "evaluate@baseline"])

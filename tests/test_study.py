@@ -28,7 +28,8 @@ def test_cells_set_every_factor_and_every_seed():
     sets = cell_sets(both, 2, baseline_steps=564)
     assert {k: sets[k] for k in BASE} == BASE and all(sets[k] == 2 for k in SEED_KEYS)
     equal = next(c for c in CELLS if c.name == "equal-steps")
-    assert cell_sets(equal, 0, baseline_steps=564)["repretrain.max_steps"] == 564
+    equal_sets = cell_sets(equal, 0, baseline_steps=564)
+    assert equal_sets["repretrain.max_steps"] == 564 and equal_sets["repretrain.epochs"] >= 564  # steps decide
     with pytest.raises(RuntimeError, match="baseline's pre-training steps"):
         cell_sets(equal, 0, baseline_steps=None)
     assert {c.name for c in cells_for(["3"])} == {"sa", "all", "ca", "no-sharing"}
@@ -40,7 +41,8 @@ def test_every_key_a_cell_sets_is_in_the_params_file(variant):
     (and stay there after each size's overlay)."""
     raw = params_module.read(ROOT / "params.yaml")
     if variant:
-        raw = params_module.apply_overrides(raw, params_module.read(params_module.variant_path(ROOT / "params.yaml", variant)))
+        overlay = params_module.read(params_module.variant_path(ROOT / "params.yaml", variant))
+        raw = params_module.apply_overrides(raw, overlay)
     for key in [*BASE, *SEED_KEYS]:
         section, name = key.split(".")
         assert name in raw.get(section, {}), f"{key} is missing from params.yaml ({variant or 'full'})"
