@@ -129,3 +129,23 @@ def test_config_and_device_checks(world, tmp_path):
             caption_shards(CaptionConfig(progress=False, device="cuda"), world.captioner, world.web, tmp_path / "x")
     with pytest.raises(ValueError, match="BlipRetrieval, which has no text decoder"):
         caption_shards(CaptionConfig(**QUIET), world.filter, world.web, tmp_path / "y")
+
+
+def test_a_real_caption_run_after_a_skipped_one_drops_the_skip_marker(world, tmp_path):
+    """The captions folder persists between runs (dvc.yaml), so a `capfilt.parts=filter` run's
+    SKIPPED marker must not survive a later run that captions: the filter would read it as
+    "no captions" and score no synthetic texts."""
+    from blip import params as params_module
+    from blip.stages.capfilt import caption
+    from blip.stages.common import skipped
+    from blip.stages.registry import STAGES
+
+    out = tmp_path / "captions"
+    quiet = {f"caption.{k}": v for k, v in QUIET.items()}
+    for parts in ("filter", "both"):
+        raw = params_module.apply_overrides(params_module.read(), {"capfilt.parts": parts, **quiet})
+        p = params_module.from_dict(raw)
+        caption(STAGES["caption"], p, MemoryTracker(), captioner=str(world.captioner), shards=[str(world.web)],
+                out=str(out))
+        assert skipped(out) is (parts == "filter")
+    assert sorted(f.name for f in out.glob("*.parquet")) == NAMES

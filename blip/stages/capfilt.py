@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..params import Params
 from ..track import Tracker, numeric
-from .common import StageError, datasets, skip, skipped, write_json
+from .common import StageError, datasets, skip, skipped, unskip, write_json
 
 
 def _model(params: Params, role_dir: str | None, shared: str | None, role: str) -> str:
@@ -22,6 +22,7 @@ def caption(stage, params: Params, tracker: Tracker, *, captioner: str, shards: 
         return skip(out, f"capfilt.parts is {params.capfilt.parts!r}: no synthetic captions")
     from ..capfilt.caption import caption_shards
 
+    unskip(out)
     tracker.log_datasets(datasets(shards, "input"))
     return caption_shards(params.caption, _model(params, captioner, shared, "caption"), shards, out, tracker=tracker)
 

@@ -32,6 +32,14 @@ def skip(out: str | Path, reason: str) -> dict:
     return {"skipped": reason}
 
 
+def unskip(out: str | Path) -> None:
+    """Before a stage does real work into a persisted output folder (``persist: true`` in
+    dvc.yaml, e.g. the captions), drop the marker an earlier skipped run left there: else the
+    next stage reads the fresh results as "skipped" (a ``capfilt.parts=filter`` run, then
+    ``captioner``, scored no synthetic captions)."""
+    (Path(out) / SKIPPED).unlink(missing_ok=True)
+
+
 def skipped(path: str | Path | None) -> bool:
     return path is not None and (Path(path) / SKIPPED).is_file()
 
