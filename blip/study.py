@@ -109,6 +109,7 @@ def measure(root: Path, sides: tuple[str, ...] = ("baseline", "capfilt")) -> dic
         out[side] = {k: m[k] for k in ("test/r_mean", "zeroshot/r_mean", "test/CIDEr", "test/txt_r1", "test/img_r1")
                      if isinstance(m.get(k), (int, float))} | {"pretrain/steps": steps}
     if "capfilt" in sides:
+        out["capfilt"]["repretrain/steps"] = json.loads((root / "metrics/train/repretrain.json").read_text())["steps"]
         report = json.loads((root / "metrics" / "report.json").read_text())
         ds, fq = report.get("dataset") or {}, report.get("filter_quality") or {}
         for k in ("noise_ratio", "web_drop_ratio"):

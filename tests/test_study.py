@@ -72,6 +72,7 @@ def test_smoke_study_runs_dvc_experiments_and_writes_the_tables(tmp_path):
     assert len({r["experiment"] for r in rows}) == 3
     beam = next(r for r in rows if r["cell"] == "beam")
     assert beam["sets"]["capfilt.decoding"] == "beam" and "dataset/noise_ratio" in beam["metrics"]
+    assert beam["metrics"]["repretrain/steps"] > 0 and beam["metrics"]["pretrain/steps"] == 6  # the smoke cap
     exps = run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], repo).stdout.split()
     assert {r["experiment"] for r in rows} <= set(exps)
     md = (repo / "docs/study.md").read_text()
