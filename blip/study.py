@@ -1,7 +1,7 @@
 """The paper's ablations (Tables 1-4, the Table 12 control, DataComp's ITC filter) at the embedded
 scale, over training seeds, by one command::
 
-    python -m blip.study                       # full size (params.yaml as it is), seeds 0 1 2
+    python -m blip.study                       # full size (the committed params.yaml), seeds 0 1 2
     python -m blip.study --size quick          # a laptop: params-quick.yaml overlaid first
     python -m blip.study --tables 2 4 --seeds 0 1
 
@@ -9,7 +9,9 @@ Every cell is one ``dvc exp run -S ... --name study-<cell>-s<seed>`` in this rep
 DVC experiment (``dvc exp show``) and an MLflow bootstrap run, and every stage a cell shares with an
 earlier one (same params, same inputs) is restored from DVC's run cache instead of re-run: the
 Table 1 settings share pre-training, fine-tuning, captioning and filtering, and differ from
-``assemble`` on. Each cell sets *every* factor, so cells do not inherit each other's settings.
+``assemble`` on. Each cell starts from the committed ``params.yaml`` (``git checkout`` of the
+file, then the size's overlay: commit your edits first) and sets *every* factor and seed, so
+cells do not inherit each other's settings.
 
 Results go to ``study/results.jsonl`` (one line per finished cell; a rerun skips them, so an
 interrupted study resumes), then ``docs/study.md`` and ``docs/study-*.png``: mean ± std over
@@ -126,7 +128,18 @@ def _dvc(root: Path, args: list[str]) -> None:
     subprocess.run(cmd, cwd=root, check=True)
 
 
-def run_cells(root: Path, cells: list[Cell], seeds: list[int], results: Path) -> list[dict]:
+def reset_params(root: Path, size: str) -> None:
+    """Put the workspace's params.yaml back to the committed file (+ the size's overlay). ``dvc exp
+    run -S`` edits the workspace file and leaves it so: without this a key one cell sets (Table
+    12's unbounded epochs) would leak into the next cell."""
+    subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=root, check=True)
+    if size != "full":
+        from .params import apply_variant
+
+        apply_variant(root / "params.yaml", size)
+
+
+def run_cells(root: Path, cells: list[Cell], seeds: list[int], results: Path, size: str = "full") -> list[dict]:
     """Run every (cell, seed) not yet in ``results``; returns all result rows. Cells with the same
     settings (the default run is the ``both`` cell, its baseline column the ``baseline`` and ``sa``
     cells) share one experiment. A cell about the baseline alone (Table 3's sharing strategies)
@@ -153,10 +166,12 @@ def run_cells(root: Path, cells: list[Cell], seeds: list[int], results: Path) ->
             elif cell.measure == "baseline":  # only the noisy-data model's stages: what evaluate@baseline needs
                 exp = part
                 if (seed, part) not in runs:
+                    reset_params(root, size)
                     _dvc(root, ["exp", "run", "--name", part, *args, "evaluate@baseline"])
                     runs[(seed, part)] = measure(root, sides=("baseline",))
             else:
                 exp = full
+                reset_params(root, size)
                 _dvc(root, ["exp", "run", "--name", full, *args])
                 runs[(seed, full)] = measure(root)
             row = {"cell": cell.name, "seed": seed, "experiment": exp, "sets": sets,
@@ -284,11 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-mlflow", action="store_true")
     a = ap.parse_args(argv)
     root = Path(a.root).resolve()
-    if a.size != "full":
-        from .params import apply_variant
-
-        apply_variant(root / "params.yaml", a.size)
-    rows = run_cells(root, cells_for(a.tables), a.seeds, root / a.results)
+    rows = run_cells(root, cells_for(a.tables), a.seeds, root / a.results, a.size)
     rows = [r for r in rows if r["seed"] in a.seeds]
     summary = summarize(rows, a.tables)
     out = root / a.out

@@ -48,6 +48,27 @@ def test_every_key_a_cell_sets_is_in_the_params_file(variant):
         assert name in raw.get(section, {}), f"{key} is missing from params.yaml ({variant or 'full'})"
 
 
+def test_each_cell_starts_from_the_committed_params(tmp_path):
+    """`dvc exp run -S` leaves its edits in the workspace: a cell must not inherit the previous
+    cell's keys (Table 12's unbounded repretrain.epochs once leaked into the next cell)."""
+    import subprocess
+
+    from blip.study import reset_params
+
+    for name in ("params.yaml", "params-quick.yaml"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"], cwd=tmp_path, check=True)
+    params_module.edit(tmp_path / "params.yaml", {"repretrain.epochs": 1000})
+    reset_params(tmp_path, "full")
+    assert params_module.read(tmp_path / "params.yaml")["repretrain"]["epochs"] == 3
+    params_module.edit(tmp_path / "params.yaml", {"repretrain.epochs": 1000})
+    reset_params(tmp_path, "quick")
+    quick = params_module.read(tmp_path / "params-quick.yaml")["repretrain"]["epochs"]
+    assert params_module.read(tmp_path / "params.yaml")["repretrain"]["epochs"] == quick
+
+
 def test_summary_pairs_seeds_and_judges_each_claim():
     rows = []
     for seed in (0, 1, 2):
