@@ -39,3 +39,14 @@ def test_rows_digits_nesting_and_escaping():
         metrics_table({"a": m}, delta=True)
     with pytest.raises(ValueError, match="no metric"):
         metrics_table({})
+
+
+def test_dataset_table_says_when_the_filter_only_measured():
+    """``web_drop_ratio`` is what the filter rejects; with the filter off nothing was dropped."""
+    from blip.evaluate.report import dataset_table
+
+    web = {"input": 10, "kept": 10, "dropped": 0, "dropped_by": {}}
+    off = dataset_table({"use_filter": False, "web_drop_ratio": 0.4, "sources": {"web": web}})
+    assert "| web |  | 10 | 10 | 0 | – |" in off and "0.400 (not dropped: the filter is off" in off
+    on = dataset_table({"use_filter": True, "web_drop_ratio": 0.4, "sources": {}})
+    assert "web texts the filter rejects: 0.400\n" in on

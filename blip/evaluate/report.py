@@ -126,7 +126,8 @@ def dataset_table(ds: Mapping) -> str:
         lines.append(f"| {source} | {units.get(source, '')} | {v.get('input')} | {v.get('kept')} | {v.get('dropped')} "
                      f"| {why} |")
     extra = [f"noise ratio of the synthetic captions (Table 2): {_cell(ds.get('noise_ratio'), 3)}",
-             f"web texts dropped: {_cell(ds.get('web_drop_ratio'), 3)}",
+             f"web texts the filter rejects: {_cell(ds.get('web_drop_ratio'), 3)}"
+             + ("" if ds.get("use_filter", True) else " (not dropped: the filter is off in this run)"),
              f"pairs for re-pre-training: {_cell((ds.get('texts') or {}).get('total'), 0)} texts on "
              f"{_cell(ds.get('images'), 0)} images in {_cell(ds.get('shards'), 0)} shards"]
     return "\n".join(lines) + "\n\n" + "".join(f"- {e}\n" for e in extra)
