@@ -132,7 +132,7 @@ def reset_params(root: Path, size: str) -> None:
     """Put the workspace's params.yaml back to the committed file (+ the size's overlay). ``dvc exp
     run -S`` edits the workspace file and leaves it so: without this a key one cell sets (Table
     12's unbounded epochs) would leak into the next cell."""
-    subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=root, check=True)
+    subprocess.run(["git", "checkout", "HEAD", "--", "params.yaml"], cwd=root, check=True)  # DVC stages its edits
     if size != "full":
         from .params import apply_variant
 

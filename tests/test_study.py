@@ -61,6 +61,7 @@ def test_each_cell_starts_from_the_committed_params(tmp_path):
     subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"], cwd=tmp_path, check=True)
     params_module.edit(tmp_path / "params.yaml", {"repretrain.epochs": 1000})
+    subprocess.run(["git", "add", "params.yaml"], cwd=tmp_path, check=True)  # dvc exp run stages its edits
     reset_params(tmp_path, "full")
     assert params_module.read(tmp_path / "params.yaml")["repretrain"]["epochs"] == 3
     params_module.edit(tmp_path / "params.yaml", {"repretrain.epochs": 1000})
