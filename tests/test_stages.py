@@ -43,6 +43,17 @@ def test_dvc_params_are_what_the_stage_reads(name):
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
+def test_a_stage_reading_a_derived_key_lists_the_factor_it_comes_from(name):
+    """``assemble.score`` is derived from ``capfilt.filter_score``: a stage that reads the section
+    must list the factor too, or DVC reuses its output when only the factor changed (the study's
+    ITC cell once re-used the ITM cell's dataset)."""
+    reads = set(STAGES[name].reads)
+    for key, factor in params_module.DERIVED.items():
+        if key.split(".")[0] in reads and "." in factor and " " not in factor:
+            assert factor in reads or factor.split(".")[0] in reads, f"{name} reads {key}, derived from {factor}"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
 def test_dvc_commands_use_only_the_stage_options(name):
     stage = STAGES[name]
     options = {f"--{a.name}" for a in stage.args} | {"--run-name", "--params", "--set"}

@@ -125,7 +125,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
            Arg("captions", "the caption stage's output (omit: web texts only)"),
            Arg("out", "folder of per-shard score tables (parquet)", required=True))),
     Stage("assemble", capfilt.assemble, "human + kept web + kept synthetic pairs -> new shards",
-          ("assemble", "capfilt.parts"),
+          ("assemble", "capfilt.parts", "capfilt.filter_score"),
           (Arg("human", "human shard folders", required=True, many=True),
            Arg("web", "web shard folders", required=True, many=True),
            Arg("scores", "the filter stage's output", required=True),
