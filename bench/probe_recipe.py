@@ -119,6 +119,7 @@ def main(argv=None) -> None:
     ap.add_argument("--web", type=int, default=1000, help="web pairs scored as a filter")
     ap.add_argument("--init", default=None, help="start from this checkpoint instead of from scratch")
     ap.add_argument("--vision-init", default=None, help="ViT warm start directory (warmstart_vision)")
+    ap.add_argument("--text-init", default=None, help="text warm start directory (warmstart_text)")
     ap.add_argument("--out", default="bench/probe_results.jsonl")
     ap.add_argument("--keep", default=None, help="keep the trained model in this folder")
     args = ap.parse_args(argv)
@@ -133,13 +134,14 @@ def main(argv=None) -> None:
         summary = train(cfg, [str(data / "web"), str(data / "human")], out_dir, init=args.init,
                         model_cfg=None if args.init else params.model.config(tok.special_ids),
                         tokenizer=None if args.init else tok, resume_dir=Path(tmp) / "resume",
-                        vision_init=args.vision_init)
+                        vision_init=args.vision_init, text_init=args.text_init)
         from blip.checkpoint import load_model
 
         model = load_model(out_dir, arch="BlipPretrain")
         train_s = time.time() - t0
         metrics = val_metrics(model, tok, str(data / "val"), str(data / "web"), args.web)
-    row = {"name": args.name, "overrides": args.set, "vision_init": args.vision_init, "steps": summary["steps"], "final_ema": summary["final_ema"],
+    row = {"name": args.name, "overrides": args.set, "vision_init": args.vision_init, "text_init": args.text_init,
+           "steps": summary["steps"], "final_ema": summary["final_ema"],
            "pairs_per_s": summary["pairs_per_s"], "train_s": round(train_s, 1), "bf16": summary["bf16"],
            "cpu": cpu_name(), **metrics}
     print(json.dumps(row))

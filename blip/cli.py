@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("params", help="validate params.yaml (every section); --variant NAME overlays params-NAME.yaml")
     _common(pp)
     pp.add_argument("--variant", default=None, help="e.g. smoke (CI): writes params-smoke.yaml's keys into --params")
+    pl = sub.add_parser("plan", help="price a run: per stage samples, steps, FLOPs and GPU-hours at a stated MFU")
+    _common(pl)
+    from .plan import add_arguments
+
+    add_arguments(pl)
     dm = sub.add_parser("demo", help="generate a small world, pre-train the tiny model, print captions")
     dm.add_argument("--out", default="out/demo")
     dm.add_argument("--steps", type=int, default=300)
@@ -95,13 +100,17 @@ def main(argv: list[str] | None = None) -> int:
             params_module.load(a.params, a.overrides)
             print(f"{a.params}: valid")
             return 0
+        if a.stage == "plan":
+            from .plan import main as plan_main
+
+            return plan_main(a)
         stage = STAGES[a.stage]
         p = params_module.load(a.params, a.overrides)
         if stage.trains and "LOCAL_RANK" not in os.environ and (n := _nproc(p)) > 1:
             return _relaunch_under_torchrun(n, argv)
         paths = {arg.key: getattr(a, arg.key) for arg in stage.args}
         result = run_stage(stage, p, Path(a.params).resolve().parent, paths, a.run_name)
-    except (ParamsError, StageError, FileNotFoundError) as e:
+    except (ParamsError, StageError, FileNotFoundError, ValueError) as e:
         parser.exit(2, f"python -m blip {a.stage}: error: {e}\n")
     if stage.name != "report":  # the report prints itself
         print(json.dumps(result, default=str))

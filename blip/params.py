@@ -40,7 +40,7 @@ from .capfilt.config import (
 )
 from .data.generator import GenerateConfig
 from .model.config import PRESETS, SHARING_STRATEGIES, BlipConfig, load_preset
-from .train.config import JOBS, TrainConfig, WarmstartConfig
+from .train.config import JOBS, TextWarmstartConfig, TrainConfig, WarmstartConfig
 from .typed import ConfigError, build
 
 CAPFILT_MODELS = ("decoupled", "shared")  # Table 4
@@ -90,6 +90,8 @@ class CapfiltParams:
     decoding: str = "nucleus"  # Table 2: nucleus (p=0.9) | beam (3 beams)
     models: str = "decoupled"  # Table 4: decoupled (two fine-tunes) | shared (one model, LM+ITC+ITM)
     filter_score: str = "itm"  # itm (BLIP) | itc (DataComp's CLIP-score filter, at ITM's kept count)
+    captioner: str | None = None  # a released checkpoint instead of the fine-tuned captioner (capfilt/sources.py)
+    filter: str | None = None  # ... and instead of the fine-tuned filter: ours, an official .pth, transformers
 
     def __post_init__(self) -> None:
         _allowed("parts", self.parts, tuple(PARTS))
@@ -152,6 +154,7 @@ class MlflowParams:
 
     enabled: bool = True
     experiment: str = "blip-bootstrap"
+    final_stage: str = "report"  # the stage whose end also ends the parent run (byod/: assemble)
 
 
 def _train(job: str):
@@ -168,6 +171,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     warmstart_vision: WarmstartConfig = field(default_factory=WarmstartConfig)
+    warmstart_text: TextWarmstartConfig = field(default_factory=TextWarmstartConfig)
     pretrain: TrainConfig = _train("pretrain")
     finetune_captioner: TrainConfig = _train("finetune_captioner")
     finetune_filter: TrainConfig = _train("finetune_filter")

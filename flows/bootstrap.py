@@ -81,16 +81,21 @@ def _address(stage, root_dir: str) -> str:
     return stage.name if dvcfile == "dvc.yaml" else f"{dvcfile}:{stage.name}"
 
 
-def stage_order(root: Path, only: list[str] | None = None) -> list[str]:
-    """Pipeline stages of ``root/dvc.yaml`` in dependency order (ties in file order), restricted to
-    ``only`` if given. A foreach group name (``evaluate``) selects all its items
-    (``evaluate@baseline``, ...). Only the named stages are returned — not their upstream."""
+def stage_order(root: Path, only: list[str] | None = None, pipeline: str = "dvc.yaml") -> list[str]:
+    """Stages of the pipeline ``root/pipeline`` (``dvc.yaml``; ``byod/dvc.yaml`` for bring-your-own-
+    data CapFilt) in dependency order (ties in file order), restricted to ``only`` if given. A
+    foreach group name (``evaluate``) selects all its items (``evaluate@baseline``, ...). Only the
+    named stages are returned — not their upstream. Names are as ``dvc repro`` in ``root`` takes
+    them (``byod/dvc.yaml:caption``); ``only`` may use the bare names."""
     import networkx as nx
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
     with Repo(str(root)) as repo:  # closed before any stage runs: one DVC lock per workspace
-        stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
+        dvcfile = os.path.normpath(os.path.join(repo.root_dir, pipeline))
+        stages = [s for s in repo.index.stages if isinstance(s, PipelineStage) and os.path.normpath(s.path) == dvcfile]
+        if not stages:
+            raise ValueError(f"no pipeline stages in {dvcfile}")
         name = {s: _address(s, repo.root_dir) for s in stages}
         graph = nx.DiGraph()
         graph.add_nodes_from(name.values())
@@ -102,9 +107,10 @@ def stage_order(root: Path, only: list[str] | None = None) -> list[str]:
         return order
     wanted: set[str] = set()
     for want in only:
-        hits = [n for n in order if n == want or n.startswith(f"{want}@")]
+        hits = [n for n in order if n.rsplit(":", 1)[-1] == want or n == want
+                or n.rsplit(":", 1)[-1].startswith(f"{want}@")]
         if not hits:
-            raise ValueError(f"stage {want!r} is not in {root / 'dvc.yaml'}; stages: {', '.join(order)}")
+            raise ValueError(f"stage {want!r} is not in {root / pipeline}; stages: {', '.join(order)}")
         wanted.update(hits)
     return [n for n in order if n in wanted]
 
@@ -191,6 +197,20 @@ def inline_images(markdown: str, root: Path, limit: int = 2 << 20) -> str:
     return re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", inline, markdown)
 
 
+def publish_clean(root: Path) -> None:
+    """Prefect artifacts of a bring-your-own-data run: what was kept and dropped per source, and the
+    gallery."""
+    stats = json.loads((root / "metrics" / "clean.json").read_text())
+    rows = [{"source": s, **{k: v.get(k) for k in ("input", "kept", "dropped")},
+             "dropped_by": json.dumps(v.get("dropped_by") or {})}
+            for s, v in (stats.get("sources") or {}).items() if isinstance(v, dict) and v.get("input")]
+    create_table_artifact(key="capfilt-clean", table=rows, description="Your web shards after CapFilt: per source")
+    gallery = root / "plots" / "gallery.png"
+    if gallery.is_file():
+        create_markdown_artifact(key="capfilt-gallery", markdown=inline_images("![gallery](plots/gallery.png)", root),
+                                 description="Kept (green) and dropped (red) web and synthetic texts")
+
+
 def publish(root: Path, run_id: str | None, report: bool) -> None:
     """Prefect artifacts: the results table and ``report.md`` (when the report stage was part of
     this run), and a link to the MLflow parent run."""
@@ -214,6 +234,7 @@ def bootstrap(
     stages: list[str] | None = None,
     force: bool = False,
     root: str | None = None,
+    pipeline: str = "dvc.yaml",
 ) -> dict[str, Any]:
     """Bring the pipeline up to date, stage by stage.
 
@@ -223,11 +244,14 @@ def bootstrap(
              not added, so it must already be up to date.
     force:   re-run stages even when DVC finds them up to date.
     root:    workspace (default $BLIP_ROOT, else this repository).
+    pipeline: the dvc.yaml to run, relative to root: "dvc.yaml" (the bootstrap loop) or
+             "byod/dvc.yaml" (CapFilt of your own shards; params, overrides and MLflow store in byod/).
 
     Returns {stage: ran, ..., "mlflow_run_id": id or None}.
     """
     ws = workspace(root)
-    params_path = ws / "params.yaml"
+    home = (ws / pipeline).parent  # where the pipeline's params.yaml, metrics and MLflow store live
+    params_path = home / "params.yaml"
     if variant:
         params_module.apply_variant(params_path, variant)
         print(f"applied variant {variant!r} to {params_path}")
@@ -235,12 +259,12 @@ def bootstrap(
         params_module.edit(params_path, params)  # ParamsError (naming the key) before any stage
         print(f"set {params} in {params_path}")
     p = params_module.load(params_path)
-    order = stage_order(ws, stages)
+    order = stage_order(ws, stages, pipeline)
     print(f"stages: {', '.join(order)}")
 
     run_id = None
     if tracking.enabled(p):
-        run_id = tracking.start_parent(ws, p, prefect_flow_run_id=flow_run.id, prefect_flow_run_name=flow_run.name)
+        run_id = tracking.start_parent(home, p, prefect_flow_run_id=flow_run.id, prefect_flow_run_name=flow_run.name)
         print(f"MLflow parent run {run_id}")
     summary: dict[str, Any] = {}
     status = "FAILED"
@@ -248,11 +272,13 @@ def bootstrap(
         for stage in order:
             result = run_stage.submit(stage, str(ws), force, run_id).result()
             summary[stage] = result["ran"]
-        publish(ws, run_id, report="report" in order)
+        publish(home, run_id, report="report" in order)
+        if any(s.rsplit(":", 1)[-1] == "assemble" for s in order) and (home / "metrics" / "clean.json").is_file():
+            publish_clean(home)
         status = "FINISHED"
     finally:
         if run_id:
-            tracking.finish_parent(ws, run_id, status=status)
+            tracking.finish_parent(home, run_id, status=status)
     ran = [s for s in order if summary[s]]
     print(f"ran {len(ran)} of {len(order)} stages: {', '.join(ran) or 'none (all up to date)'}")
     summary["mlflow_run_id"] = run_id
@@ -269,12 +295,13 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--stage", action="append", dest="stages", metavar="STAGE", help="run only this stage (repeatable)")
     run.add_argument("--force", action="store_true", help="re-run stages DVC finds up to date")
     run.add_argument("--root", help="workspace (default $BLIP_ROOT or this repository)")
+    run.add_argument("--pipeline", default="dvc.yaml", help="dvc.yaml to run (byod/dvc.yaml: clean your own shards)")
     args = ap.parse_args(argv)
     if args.cmd == "serve":
         bootstrap.serve(name="full", limit=1)  # one run at a time: one DVC lock per workspace
     else:
         summary = bootstrap(params=params_module.parse_overrides(args.set) or None, variant=args.variant, stages=args.stages,
-                            force=args.force, root=args.root)
+                            force=args.force, root=args.root, pipeline=args.pipeline)
         print(json.dumps(summary, indent=2))
 
 

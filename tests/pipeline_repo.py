@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
-FILES = ["dvc.yaml", "params.yaml", "params-smoke.yaml", "params-quick.yaml", "prefect.yaml", "flows", ".dvcignore"]
+FILES = ["dvc.yaml", "params.yaml", "params-smoke.yaml", "params-quick.yaml", "params-paper.yaml", "prefect.yaml", "flows",
+         "byod/dvc.yaml", "byod/params.yaml", ".dvcignore"]
 GITIGNORE = (PROJECT / ".gitignore").read_text()
 
 
@@ -45,6 +46,7 @@ def make_repo(dest: Path, variant: str | None = "smoke") -> Path:
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif src.exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     (dest / ".gitignore").write_text(GITIGNORE)
     run(["git", "init", "-q", "-b", "main"], dest)

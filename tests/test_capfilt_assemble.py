@@ -74,18 +74,18 @@ def test_four_capfilt_settings_count_what_they_keep(world, tmp_path, median_thre
     # the shards hold exactly that, and say where each text came from
     samples = out_samples(out)
     assert len(samples) == stats["samples"] == HUMAN + n_web + n_syn
-    assert Counter(s["meta"]["source"] for s in samples) == Counter(
+    assert Counter(s["meta"]["caption_source"] for s in samples) == Counter(
         {k: v for k, v in {"human": HUMAN, "web": n_web, "synthetic": n_syn}.items() if v})
     web_by_key = {k[0]: dict(k[1]) for k in read_members(world.web / "00001.tar")}
     for s in samples:
         m = s["meta"]
         assert len(s["key"]) == 9 and s["key"].isdigit() and m["key"] == s["key"] and m["caption"] == s["txt"]
         assert "noise" not in m  # evaluation-only labels never reach the new training data
-        if m["source"] == "human":
+        if m["caption_source"] == "human":
             assert len(m["captions"]) == 5 and m["itm"] is None and m["orig_shard"] == "human/00000.tar"
             continue
         r = scores[m["orig_key"]]
-        which = "web" if m["source"] == "web" else "syn"
+        which = "web" if m["caption_source"] == "web" else "syn"
         assert s["txt"] == r[f"{which}_text"] and m["itm"] == pytest.approx(r[f"itm_{which}"])
         assert m["itc"] == pytest.approx(r[f"itc_{which}"]) and m["orig_shard"] == f"web/0000{m['orig_key'][4]}.tar"
         if not use_filter:
@@ -229,7 +229,7 @@ def test_itc_filter_drops_as_many_texts_as_itm_the_lowest_cosines(world, tmp_pat
     assert itc["score"] == "itc" and itc["itc_cut"]["n_drop"] == sum(dropped.values())
     cut = itc["itc_cut"]["cut"]
     scores = score_rows(world.scores)
-    kept = {m["meta"]["orig_key"] + m["meta"]["source"] for m in out_samples(tmp_path / "itc")}
+    kept = {m["meta"]["orig_key"] + m["meta"]["caption_source"] for m in out_samples(tmp_path / "itc")}
     for key, r in scores.items():
         if r["status"] != "ok":
             continue

@@ -12,7 +12,7 @@ from blip.cli import main
 from blip.params import TRAIN_SECTIONS, ParamsError, apply_overrides, parse_overrides
 from blip.train.config import TrainConfig
 
-STAGES = ["data", "warmstart_vision", "tokenizer", "pretrain", "finetune_captioner", "finetune_filter",
+STAGES = ["data", "warmstart_vision", "tokenizer", "warmstart_text", "pretrain", "finetune_captioner", "finetune_filter",
           "finetune_shared", "repretrain", "downstream_captioner", "downstream_retrieval", "caption", "filter",
           "assemble", "evaluate", "filter_quality", "report", "params"]
 

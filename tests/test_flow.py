@@ -217,6 +217,31 @@ def test_full_deployment_runs_the_pipeline(prefect, served):
     assert parent.info.run_id in artifacts["mlflow-run"]["data"]
 
 
+def test_capfilt_pipeline_runs_through_the_flow(prefect, served):
+    """``pipeline: byod/dvc.yaml`` (the bootstrap/capfilt deployment): only the bring-your-own-data
+    stages run, with byod/params.yaml (here: the checkout's own fine-tuned models on its web
+    shards), an MLflow parent in byod/'s store, and the clean-data artifacts."""
+    api_url, env = prefect
+    repo, log = served
+    run([sys.executable, "-m", "dvc", "repro", "finetune_captioner", "finetune_filter"], repo)  # byod's defaults
+
+    p = _run_deployment(env, "byod", {"pipeline": "byod/dvc.yaml"}, timeout=600)
+
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}\nserve log:\n{log.read_text()[-6000:]}"
+    fr = _flow_run(api_url, "byod")
+    assert fr["state"]["type"] == "COMPLETED"
+    tasks = sorted(_task_runs(api_url, fr["id"]), key=lambda t: t["start_time"])
+    assert [t["name"] for t in tasks] == ["byod/dvc.yaml:caption", "byod/dvc.yaml:filter", "byod/dvc.yaml:assemble"]
+    stats = json.loads((repo / "byod" / "metrics" / "clean.json").read_text())
+    web = stats["sources"]["web"]
+    assert web["input"] == 48 and web["kept"] + web["dropped"] == 48
+    artifacts = {a["key"] for a in _api(api_url, "/artifacts/filter",
+                                        {"artifacts": {"flow_run_id": {"any_": [fr["id"]]}}})}
+    assert {"capfilt-clean", "capfilt-gallery", "mlflow-run"} <= artifacts
+    client, parents = _parent_runs(repo / "byod", fr["id"])
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
 def test_prefect_yaml_deploys_to_the_work_pool(prefect, served):
     """``prefect deploy`` accepts prefect.yaml; the pull step keeps ``{{ $BLIP_ROOT }}`` for the worker."""
     api_url, env = prefect
@@ -232,6 +257,8 @@ def test_prefect_yaml_deploys_to_the_work_pool(prefect, served):
     assert dep["parameters"] == {"variant": "smoke"}
     assert dep["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $BLIP_ROOT }}"}}]
     # the study flow deploys too (its parameters come from flows/study.py's signature)
+    run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "-n", "capfilt"], repo, **env)
+    assert _api(api_url, "/deployments/name/bootstrap/capfilt")["parameters"] == {"pipeline": "byod/dvc.yaml"}
     run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "-n", "quick"], repo, **env)
     study = _api(api_url, "/deployments/name/study/quick")
     assert study["entrypoint"] == "flows/study.py:study" and study["parameters"] == {"size": "quick"}

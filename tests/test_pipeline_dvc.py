@@ -14,7 +14,7 @@ from pipeline_repo import make_repo, run
 
 pytestmark = pytest.mark.pipeline
 
-ALL_STAGES = {"data", "warmstart_vision", "tokenizer", "pretrain", "finetune_captioner", "finetune_filter",
+ALL_STAGES = {"data", "warmstart_vision", "tokenizer", "warmstart_text", "pretrain", "finetune_captioner", "finetune_filter",
               "finetune_shared", "caption", "filter", "assemble", "filter_quality", "repretrain",
               "downstream_captioner", "downstream_retrieval", "evaluate@baseline", "evaluate@capfilt", "report"}
 # what may depend on capfilt.decoding: the synthetic captions and everything built from them
@@ -42,7 +42,8 @@ def test_dvc_repro_runs_the_loop_then_nothing_then_only_what_a_factor_touches(tm
     assert ran_stages(first.stdout) == ALL_STAGES
     for out in ["models/captioner/model.safetensors", "models/filter/model.safetensors",
                 "models/repretrain/model.safetensors", "models/shared/SKIPPED.json", "report.md",
-                "models/warmstart_vision/vision.safetensors", "metrics/train/warmstart_vision.json"]:
+                "models/warmstart_vision/vision.safetensors", "metrics/train/warmstart_vision.json",
+                "models/warmstart_text/text.safetensors", "metrics/train/warmstart_text.json"]:
         assert (repo / out).is_file(), out
     assert sorted(p.name for p in (repo / "data/capfilt/captions").glob("*.parquet")) == \
         ["00000.parquet", "00001.parquet", "00002.parquet", "00003.parquet"]
@@ -58,7 +59,8 @@ def test_dvc_repro_runs_the_loop_then_nothing_then_only_what_a_factor_touches(tm
     assert re.search(r"\| pretrain \| \d+\.\d \|", md)  # stage wall times from the MLflow child runs
 
     # every dataset and checkpoint is versioned in dvc.lock
-    for out in ["data/generated", "models/warmstart_vision", "models/tokenizer", "models/pretrain", "models/captioner", "models/filter",
+    for out in ["data/generated", "models/warmstart_vision", "models/warmstart_text", "models/tokenizer",
+                "models/pretrain", "models/captioner", "models/filter",
                 "data/capfilt/captions", "data/capfilt/scores", "data/capfilt/dataset", "models/repretrain"]:
         assert lock_md5(repo, out).endswith(".dir"), out
 

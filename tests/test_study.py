@@ -84,6 +84,22 @@ def test_summary_pairs_seeds_and_judges_each_claim():
     assert by[("both", "itc", "test/r_mean")]["verdict"] == "compare"
 
 
+def test_report_only_writes_the_tables_from_the_rows_and_runs_nothing(tmp_path):
+    from blip.study import main
+
+    rows = [{"cell": c, "seed": seed, "seconds": 60.0, "metrics": {"test/r_mean": r + seed}}
+            for seed in (0, 1) for c, r in (("both", 40.0), ("beam", 38.0))]
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["--root", str(tmp_path), "--report-only", "--no-mlflow", "--tables", "2"]) == 0
+    md = (tmp_path / "docs" / "study.md").read_text()
+    assert "| both | 40.50 ± 0.71 |" in md and "| +2.00, +2.00 |" in md
+    assert (tmp_path / "docs" / "study-table-2.png").is_file()
+    assert not (tmp_path / ".dvc").exists() and not (tmp_path / "dvc.yaml").exists()  # nothing ran
+    with pytest.raises(SystemExit):
+        main(["--root", str(tmp_path / "empty"), "--report-only", "--no-mlflow"])
+
+
 @pytest.mark.pipeline
 def test_smoke_study_runs_dvc_experiments_and_writes_the_tables(tmp_path):
     repo = make_repo(tmp_path / "repo", variant=None)

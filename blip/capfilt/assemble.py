@@ -21,11 +21,15 @@ expands into pairs in training. Each sample's ``.json``::
     key, caption, status ("success")        img2dataset's fields
     captions                                 human samples: all captions
     image_id                                 int, unique per image in the new set
-    source                                   "human" | "web" | "synthetic"
+    caption_source                           "human" | "web" | "synthetic"
     itm, itm_logit, itc                      the filter's scores of this text (null for human)
     orig_key, orig_shard                     where the image came from ("web/00003.tar")
+    url, width, height, ...                  with ``web_metadata`` (bring-your-own-data runs): every
+                                             field of the web sample's own ``.json`` (img2dataset's
+                                             url, sizes, exif, ...), ``key``/``caption``/``status``
+                                             excepted, and never the generator's ``noise`` label
 
-The web ``.json`` is never copied (it may hold the generator's evaluation-only labels); texts are
+Without ``web_metadata`` the web ``.json`` is not copied (it may hold the generator's evaluation-only labels); texts are
 the filter's ``web_text``/``syn_text`` (as the loader cleans them), human captions as the decoder
 cleans them. Output shards: each input shard owns a fixed block of output shard ids (human shards
 first), enough for its worst case (``max_shard_samples`` per tar), so shards are assembled
@@ -82,7 +86,7 @@ from .shardwork import (
 _log = logging.getLogger("blip.capfilt")
 
 STAGE = "assemble"
-VERSION = 1
+VERSION = 2  # 2: json 'caption_source' (was 'source')
 MANIFEST = "manifest"
 STATS = "stats.json"
 KEPT, FILTERED = "kept", "filter"
@@ -171,7 +175,7 @@ class AssembleWorker:
             if v.status == OK:
                 ext, image = v.image_member()
                 caps = v.sample.captions
-                meta = {"captions": caps, "source": "human", "itm": None, "itm_logit": None, "itc": None,
+                meta = {"captions": caps, "caption_source": "human", "itm": None, "itm_logit": None, "itc": None,
                         "orig_key": v.key, "orig_shard": _shard_label(task.url)}
                 row["out_keys"] = [out.add(ext, image, caps[0], meta, "human", n_texts=len(caps))]
                 row["texts"] = len(caps)
@@ -197,6 +201,17 @@ class AssembleWorker:
             raise ValueError(f"{task.params['scores']} has {len(sc)} rows but {task.url} has {i} samples: rerun the filter stage")
         return rows, shard_error
 
+    def _web_meta(self, raw: RawSample) -> dict:
+        """The web sample's own metadata to carry over (``web_metadata``), else nothing."""
+        if not self.cfg.web_metadata or "json" not in raw.fields:
+            return {}
+        try:
+            meta = json.loads(raw.fields["json"])
+        except ValueError:
+            return {}  # an unreadable .json: the reader counted the sample's status already
+        return {k: v for k, v in meta.items() if k not in EVAL_ONLY and k not in OWN_FIELDS} \
+            if isinstance(meta, dict) else {}
+
     def _web_sample(self, task: ShardTask, raw: RawSample, s: dict, d: dict, out: _OutputShards) -> dict:
         cfg, ok = self.cfg, d["status"] == OK
         web = (KEPT if d["keep_web"] else FILTERED) if ok else d["status"]
@@ -210,7 +225,7 @@ class AssembleWorker:
             for which, source in (("web", "web"), ("syn", "synthetic")):
                 if not d[f"keep_{which}"]:
                     continue
-                meta = {"source": source, "itm": s[f"itm_{which}"], "itm_logit": s[f"itm_logit_{which}"],
+                meta = {**self._web_meta(raw), "caption_source": source, "itm": s[f"itm_{which}"], "itm_logit": s[f"itm_logit_{which}"],
                         "itc": s[f"itc_{which}"], "orig_key": raw.key, "orig_shard": _shard_label(task.url),
                         "image_id": image_id}
                 key = out.add(ext, raw.fields[ext], s[f"{which}_text"], meta, source)
@@ -218,6 +233,10 @@ class AssembleWorker:
                 row["out_keys"].append(key)
                 row["texts"] += 1
         return row
+
+
+EVAL_ONLY = ("noise",)  # the generator's hidden labels (blip.data.labels): never in a dataset
+OWN_FIELDS = ("key", "caption", "status", "captions", "image_id")  # what this stage writes itself
 
 
 def _row(key: str, status: str, human=None, web=None, synthetic=None, web_pass=None, syn_pass=None) -> dict:
@@ -348,7 +367,8 @@ def assemble(cfg: AssembleConfig, human_shards, web_shards, scores_dir, out_dir,
     the web shards and the filter's score tables in ``scores_dir``; returns the ``stats.json``
     content plus ``run`` (the ``run_shards`` summary: shards done / skipped). Input shards whose
     manifest is valid (same config, same input shard and score table) are not redone."""
-    human, web = resolve_shards(human_shards), resolve_shards(web_shards)
+    human = resolve_shards(human_shards) if human_shards else []  # none: your own web shards alone
+    web = resolve_shards(web_shards)
     out_dir, scores_dir = str(out_dir), str(scores_dir)
     _check_out_dir(out_dir, human + web)
     tasks = _tasks(cfg, human, web, scores_dir)
@@ -361,7 +381,8 @@ def assemble(cfg: AssembleConfig, human_shards, web_shards, scores_dir, out_dir,
         cut = itc_cut((read_scores(t.params["scores"], cfg.use_captioner) for t in tasks if t.params["role"] == "web"),
                       cfg.threshold, cfg.use_captioner)
     cfg_hash = config_hash(STAGE, VERSION, {k: getattr(cfg, k) for k in ("threshold", "score", "use_filter",
-                                                                       "use_captioner", "max_shard_samples")}
+                                                                       "use_captioner", "max_shard_samples",
+                                                                       "web_metadata")}
                            | {"cut": cut["cut"]})
     if tracker is not None:
         tracker.log_params({f"{STAGE}.{k}": v for k, v in asdict(cfg).items()} | {f"{STAGE}.parts": cfg.parts})

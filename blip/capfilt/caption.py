@@ -57,9 +57,9 @@ def image_seed(seed: int, shard: str, key: str) -> int:
 class CaptionWorker:
     """Captions one web shard (built once per thread pool / process; loads the captioner)."""
 
-    def __init__(self, cfg: CaptionConfig, captioner_dir: str):
+    def __init__(self, cfg: CaptionConfig, captioner_dir: str, vocab_file: str | None = None):
         self.cfg = cfg
-        self.m = InferenceModel(captioner_dir, "captioner", cfg.device)
+        self.m = InferenceModel(captioner_dir, "captioner", cfg.device, vocab_file)
         self.gen = cfg.generation()
         self.prompt = self.m.tokenizer.prompt_ids(self.m.model.cfg.prompt)
 
@@ -83,17 +83,18 @@ class CaptionWorker:
         return ShardResult(table, shard_error=reader.shard_error)
 
 
-def caption_shards(cfg: CaptionConfig, captioner_dir, web_shards, out_dir, tracker=None) -> dict:
+def caption_shards(cfg: CaptionConfig, captioner_dir, web_shards, out_dir, tracker=None, vocab_file=None) -> dict:
     """Caption every web image of ``web_shards`` (anything ``resolve_shards`` takes) with the
-    captioner in ``captioner_dir``; results in ``out_dir`` (module docstring). Finished shards
+    captioner ``captioner_dir`` (ours, an official ``.pth`` + ``vocab_file``, or a transformers
+    folder: ``sources.py``); results in ``out_dir`` (module docstring). Finished shards
     are skipped (``shardwork`` idempotency rule: same captioner weights, same ``identity()``,
     same input shard). Returns the ``run_shards`` summary."""
     urls = resolve_shards(web_shards)
-    cfg_hash = config_hash(STAGE, VERSION, {**cfg.identity(), "captioner": model_fingerprint(captioner_dir)})
+    cfg_hash = config_hash(STAGE, VERSION, {**cfg.identity(), "captioner": model_fingerprint(captioner_dir, vocab_file)})
     tasks = shard_tasks(urls, result_name, lambda u: {"shard": file_fingerprint(u)})
     if tracker is not None:
         tracker.log_params({f"{STAGE}.{k}": v for k, v in asdict(cfg).items()})
-    return run_shards(STAGE, tasks, out_dir, partial(CaptionWorker, cfg, str(captioner_dir)), cfg_hash,
+    return run_shards(STAGE, tasks, out_dir, partial(CaptionWorker, cfg, str(captioner_dir), vocab_file), cfg_hash,
                       workers=cfg.workers, executor=cfg.executor, tracker=tracker, progress=cfg.progress)
 
 

@@ -113,13 +113,15 @@ class AssembleConfig:
     ``score``: what the filter thresholds — ``itm`` (BLIP) or ``itc`` (the DataComp baseline: the
     lowest ITC cosines, as many texts as ITM drops at ``threshold``; ``selection.itc_cut``).
     ``use_filter``: drop texts with ITM p(match) < ``threshold``; ``use_captioner``: add the
-    synthetic captions. ``max_shard_samples``: samples per output tar (<= 10000, 4-digit index)."""
+    synthetic captions. ``max_shard_samples``: samples per output tar (<= 10000, 4-digit index).
+    ``web_metadata``: keep the web samples' own metadata (img2dataset's ``url``, sizes, ...)."""
 
     threshold: float = DEFAULT_THRESHOLD
     score: str = "itm"  # itm: p(match) >= threshold | itc: cosine, dropping as many as ITM does at threshold
     use_filter: bool = True
     use_captioner: bool = True
     max_shard_samples: int = MAX_SHARD_SIZE
+    web_metadata: bool = False  # carry each web sample's own .json (url, sizes, ...) into the output
     workers: int = 1
     executor: str = "thread"
     progress: bool = True

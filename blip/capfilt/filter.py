@@ -75,10 +75,10 @@ def read_captions(path: str) -> tuple[list[str], list[str | None]]:
 class FilterWorker:
     """Scores one web shard (built once per thread pool / process; loads the filter)."""
 
-    def __init__(self, cfg: FilterConfig, filter_dir: str, captions_dir: str | None):
+    def __init__(self, cfg: FilterConfig, filter_dir: str, captions_dir: str | None, vocab_file: str | None = None):
         self.cfg = cfg
         self.captions_dir = captions_dir
-        self.m = InferenceModel(filter_dir, "filter", cfg.device)
+        self.m = InferenceModel(filter_dir, "filter", cfg.device, vocab_file)
 
     def __call__(self, task: ShardTask) -> ShardResult:
         syn_keys, syn_caps = (read_captions(os.path.join(self.captions_dir, task.name))
@@ -124,14 +124,16 @@ class FilterWorker:
             cols[f"itc_{which}"][row] = c
 
 
-def score_shards(cfg: FilterConfig, filter_dir, web_shards, captions_dir, out_dir, tracker=None) -> dict:
-    """Score every web sample of ``web_shards`` with the filter in ``filter_dir``: its web text
+def score_shards(cfg: FilterConfig, filter_dir, web_shards, captions_dir, out_dir, tracker=None,
+                 vocab_file=None) -> dict:
+    """Score every web sample of ``web_shards`` with the filter ``filter_dir`` (ours, an official
+    ``.pth`` + ``vocab_file``, or a transformers folder: ``sources.py``): its web text
     and, when ``captions_dir`` (the caption stage's output) is given, its synthetic caption.
     Results in ``out_dir`` (module docstring); finished shards are skipped (same filter weights,
     same ``max_length``, same input shard, same caption table). Returns the ``run_shards`` summary."""
     urls = resolve_shards(web_shards)
     captions_dir = None if captions_dir is None else str(captions_dir)
-    cfg_hash = config_hash(STAGE, VERSION, {"max_length": cfg.max_length, "filter": model_fingerprint(filter_dir),
+    cfg_hash = config_hash(STAGE, VERSION, {"max_length": cfg.max_length, "filter": model_fingerprint(filter_dir, vocab_file),
                                             "with_captions": captions_dir is not None})
 
     def fingerprints(url: str) -> dict[str, str]:
@@ -146,7 +148,7 @@ def score_shards(cfg: FilterConfig, filter_dir, web_shards, captions_dir, out_di
     tasks = shard_tasks(urls, result_name, fingerprints)
     if tracker is not None:
         tracker.log_params({f"{STAGE}.{k}": v for k, v in asdict(cfg).items()})
-    return run_shards(STAGE, tasks, out_dir, partial(FilterWorker, cfg, str(filter_dir), captions_dir), cfg_hash,
+    return run_shards(STAGE, tasks, out_dir, partial(FilterWorker, cfg, str(filter_dir), captions_dir, vocab_file), cfg_hash,
                       workers=cfg.workers, executor=cfg.executor, tracker=tracker, progress=cfg.progress)
 
 

@@ -4,7 +4,8 @@ The captioner is any checkpoint with a text decoder (a fine-tuned ``BlipCaptione
 ``BlipPretrain``/"shared" model, loaded as a captioner so its ITC/ITM towers and queues stay on
 disk); the filter is any checkpoint with the ITC/ITM towers (``BlipRetrieval`` fine-tuned on the
 human pairs — the maintainer's "filter = retrieval model", blip-facts §1.17 — or ``BlipPretrain``
-for Table 4's shared setting). The tokenizer is the one saved beside the weights.
+for Table 4's shared setting), or a released BLIP checkpoint (``sources.py``: an official ``.pth``
+or a transformers folder). The tokenizer is the one saved beside the weights (or ``vocab_file``).
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model, read_config
 from ..dist import resolve_device
 from ..model.blip import BlipBase
-from ..tokenizer import BlipTokenizer
-from .fingerprint import dir_fingerprint
+from .fingerprint import content_hash, dir_fingerprint
 
 CAPTIONER_ARCHS = {"BlipCaptioner": "BlipCaptioner", "BlipPretrain": "BlipCaptioner"}
 FILTER_ARCHS = {"BlipRetrieval": "BlipRetrieval", "BlipPretrain": "BlipPretrain"}
@@ -32,21 +31,14 @@ class InferenceModel:
     pooled threads share one model and take turns only for the (cheap) tokenizer calls.
     """
 
-    def __init__(self, directory: str | Path, role: str, device: str = "auto"):
-        directory = Path(directory)
-        archs = CAPTIONER_ARCHS if role == "captioner" else FILTER_ARCHS
-        saved, _ = read_config(directory)
-        if saved not in archs:
-            need = "text decoder" if role == "captioner" else "ITC/ITM heads"
-            raise ValueError(f"{directory} holds a {saved}, which has no {need}; the {role} must be one of "
-                             f"{sorted(archs)} (fine-tune it with the finetune_{'captioner' if role == 'captioner' else 'filter'} job)")
-        tok_dir = directory / "tokenizer"
-        if not (tok_dir / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{directory} has no tokenizer/ folder; save the model with "
-                                    "blip.checkpoint.save_model(model, dir, tokenizer=tok)")
+    def __init__(self, path: str | Path, role: str, device: str = "auto", vocab_file: str | Path | None = None):
+        from .sources import load_source
+
+        src = load_source(path, role, vocab_file)  # ours, an official .pth, or a transformers folder
+        self.kind = src.kind
         self.device = resolve_device(device)
-        self.model: BlipBase = load_model(directory, arch=archs[saved]).to(self.device).eval()
-        self.tokenizer = BlipTokenizer.load(tok_dir)
+        self.model: BlipBase = src.model.to(self.device).eval()
+        self.tokenizer = src.tokenizer
         self.lock = threading.Lock()
         self.image_size = self.model.cfg.vision.image_size
 
@@ -60,6 +52,10 @@ class InferenceModel:
             return self.tokenizer.batch_decode(ids.cpu())
 
 
-def model_fingerprint(directory: str | Path) -> str:
-    """Content hash of a checkpoint folder (weights, config, tokenizer): retrained model, new results."""
-    return dir_fingerprint(directory)
+def model_fingerprint(path: str | Path, vocab_file: str | Path | None = None) -> str:
+    """Content hash of a checkpoint (a folder: weights, config, tokenizer; an official file, with the
+    vocabulary it needs): retrained or replaced model, new results."""
+    path = Path(path)
+    if path.is_file():
+        return content_hash([path, *([vocab_file] if vocab_file else [])])
+    return dir_fingerprint(path)

@@ -97,7 +97,7 @@ class Scene:
         return sum(g.count for g in self.groups)
 
 
-SPLIT_IDS = {"web": 1, "human": 2, "val": 3, "test": 4, "zeroshot": 5, "labelled": 6}  # labelled: the ViT warm start
+SPLIT_IDS = {"web": 1, "human": 2, "val": 3, "test": 4, "zeroshot": 5, "labelled": 6, "text": 7}  # the warm starts: ViT, text
 
 
 def sample_rngs(seed: int, split: str, index: int) -> tuple[np.random.Generator, ...]:

@@ -50,6 +50,17 @@ def pick(rows: dict[str, dict], labels: dict[str, str | None], per_kind: int) ->
     return out
 
 
+def pick_unlabelled(rows: dict[str, dict], threshold: float, n: int) -> list[str]:
+    """Your own data has no hidden labels: up to ``n`` scored keys, kept and dropped web texts
+    alternating (key order within each), so the sheet shows both sides of the threshold."""
+    scored = sorted(k for k, r in rows.items() if r.get("status") == "ok" and r.get("itm_web") is not None)
+    kept = [k for k in scored if rows[k]["itm_web"] >= threshold]
+    dropped = [k for k in scored if rows[k]["itm_web"] < threshold]
+    out = [k for pair in zip(kept, dropped) for k in pair][:n]
+    rest = kept[len(out) // 2:] + dropped[len(out) // 2:]
+    return out + rest[:n - len(out)]
+
+
 def _images(web_shards, keys: set[str]) -> dict[str, Image.Image]:
     found: dict[str, Image.Image] = {}
     for url in resolve_shards(web_shards):
@@ -68,9 +79,10 @@ def capfilt_gallery(web_shards, scores_dir, out_path: str, threshold: float = DE
     """Write the gallery PNG; returns ``{"samples": n, "kinds": {kind: n}}``."""
     rows = _score_rows(scores_dir)
     labels = noise_labels(web_shards)
-    keys = pick(rows, labels, per_kind)
+    labelled = any(v is not None for v in labels.values())  # the generator's world; your data has none
+    keys = pick(rows, labels, per_kind) if labelled else pick_unlabelled(rows, threshold, 3 * cols)
     if not keys:
-        raise ValueError(f"no scored web samples with labels in {scores_dir} / {web_shards!r}")
+        raise ValueError(f"no scored web samples in {scores_dir} / {web_shards!r}")
     images = _images(web_shards, set(keys))
     font, small = _font(12), _font(11)
     wrap = max(12, cell // 7)
@@ -93,18 +105,20 @@ def capfilt_gallery(web_shards, scores_dir, out_path: str, threshold: float = DE
     legend_h = 22
     sheet = Image.new("RGB", (cols * cell, legend_h + n_rows * (cell + text_h)), PAPER)
     d = ImageDraw.Draw(sheet)
-    d.text((6, 4), f"CapFilt: green = kept, red = dropped by the filter (ITM p(match) < {threshold:.2f}); "
-                   "corner: the hidden noise kind of the web text (evaluation only)", fill=INK, font=font)
+    corner = "corner: the hidden noise kind of the web text (evaluation only)" if labelled else "no hidden labels"
+    d.text((6, 4), f"CapFilt: green = kept, red = dropped by the filter (ITM p(match) < {threshold:.2f}); {corner}",
+           fill=INK, font=font)
     kinds: dict[str, int] = {}
     for i, (k, lines) in enumerate(zip(keys, blocks, strict=True)):
         x, y = (i % cols) * cell, legend_h + (i // cols) * (cell + text_h)
         if k in images:
             sheet.paste(images[k].resize((cell - 8, cell - 8), Image.Resampling.BICUBIC), (x + 4, y + 4))
-        kind = labels.get(k) or "clean"
+        kind = (labels.get(k) or "clean") if labelled else "unlabelled"
         kinds[kind] = kinds.get(kind, 0) + 1
-        box = d.textbbox((x + 6, y + 6), kind, font=small)
-        d.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=PAPER)
-        d.text((x + 6, y + 6), kind, fill=INK if kind == "clean" else RED, font=small)
+        if labelled:
+            box = d.textbbox((x + 6, y + 6), kind, font=small)
+            d.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=PAPER)
+            d.text((x + 6, y + 6), kind, fill=INK if kind == "clean" else RED, font=small)
         for j, (line, colour) in enumerate(lines):
             d.text((x + 4, y + cell + 2 + j * line_h), line, fill=colour, font=font)
     sheet.save(out_path, format="PNG")

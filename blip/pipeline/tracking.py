@@ -405,7 +405,7 @@ def stage_run(
     except SystemExit as e:
         ok = e.code in (0, None)
         client.set_terminated(tracker.run_id, status="FINISHED" if ok else "FAILED")
-        if ok and stage == "report" and not env_owned:
+        if ok and stage == params.mlflow.final_stage and not env_owned:
             finish_parent(root, parent_id)
         raise
     except KeyboardInterrupt:
@@ -415,5 +415,5 @@ def stage_run(
         client.set_terminated(tracker.run_id, status="FAILED")
         raise
     client.set_terminated(tracker.run_id, status="FINISHED")
-    if stage == "report" and not env_owned:
+    if stage == params.mlflow.final_stage and not env_owned:
         finish_parent(root, parent_id)

@@ -9,7 +9,12 @@ from .common import StageError, datasets, skip, skipped, unskip, write_json
 
 
 def _model(params: Params, role_dir: str | None, shared: str | None, role: str) -> str:
-    """The model that plays ``role``: the shared captioner+filter under ``capfilt.models: shared``."""
+    """The model that plays ``role``: ``capfilt.captioner``/``capfilt.filter`` when they name a
+    checkpoint (a released one), else the shared captioner+filter under ``capfilt.models:
+    shared``, else the role's own fine-tuned model."""
+    named = params.capfilt.captioner if role == "caption" else params.capfilt.filter
+    if named:
+        return named
     model = shared if params.capfilt.models == "shared" else role_dir
     if model is None or skipped(model):
         raise StageError(f"{role}: capfilt.models is {params.capfilt.models!r} but {model} holds no trained model")
@@ -24,7 +29,8 @@ def caption(stage, params: Params, tracker: Tracker, *, captioner: str, shards: 
 
     unskip(out)
     tracker.log_datasets(datasets(shards, "input"))
-    return caption_shards(params.caption, _model(params, captioner, shared, "caption"), shards, out, tracker=tracker)
+    return caption_shards(params.caption, _model(params, captioner, shared, "caption"), shards, out, tracker=tracker,
+                          vocab_file=params.model.vocab_file)
 
 
 def filter(stage, params: Params, tracker: Tracker, *, filter: str, shards: list[str], out: str,
@@ -34,20 +40,35 @@ def filter(stage, params: Params, tracker: Tracker, *, filter: str, shards: list
     captions = None if captions is None or skipped(captions) else captions
     tracker.log_datasets(datasets(shards, "input"))
     return score_shards(params.filter, _model(params, filter, shared, "filter"), shards, captions, out,
-                        tracker=tracker)
+                        tracker=tracker, vocab_file=params.model.vocab_file)
 
 
-def assemble(stage, params: Params, tracker: Tracker, *, human: list[str], web: list[str], scores: str, out: str,
-             stats: str | None = None) -> dict:
+def assemble(stage, params: Params, tracker: Tracker, *, web: list[str], scores: str, out: str,
+             human: list[str] | None = None, stats: str | None = None, gallery: str | None = None) -> dict:
+    """The bootstrapped dataset; without ``human`` (your own web shards cleaned by released
+    checkpoints) only the kept web and synthetic pairs."""
     from ..capfilt.assemble import assemble as assemble_shards
 
+    human = human or []
     result = assemble_shards(params.assemble, human, web, scores, out, tracker=tracker)
     result = {k: v for k, v in result.items() if k != "run"}
     if stats:
         write_json(stats, result)
     tracker.log_metrics(numeric(result, "dataset/"))
     tracker.log_datasets([*datasets(human, "input"), *datasets(web, "input"), *datasets(out, "output")])
+    if gallery:
+        _gallery(params, web, scores, gallery, tracker)
     return result
+
+
+def _gallery(params: Params, web: list[str], scores: str, path: str, tracker: Tracker) -> None:
+    from pathlib import Path
+
+    from ..evaluate.gallery import capfilt_gallery
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    capfilt_gallery(web, scores, path, threshold=params.assemble.threshold)
+    tracker.log_artifact(path)
 
 
 def filter_quality(stage, params: Params, tracker: Tracker, *, scores: str, web: list[str], out: str,
@@ -58,11 +79,5 @@ def filter_quality(stage, params: Params, tracker: Tracker, *, scores: str, web:
     write_json(out, m)
     tracker.log_metrics(numeric(m, "filter_quality/"))
     if gallery:
-        from pathlib import Path
-
-        from ..evaluate.gallery import capfilt_gallery
-
-        Path(gallery).parent.mkdir(parents=True, exist_ok=True)
-        capfilt_gallery(web, scores, gallery, threshold=params.assemble.threshold)
-        tracker.log_artifact(gallery)
+        _gallery(params, web, scores, gallery, tracker)
     return {k: m[k] for k in ("precision", "recall", "auc", "drop_rate")}

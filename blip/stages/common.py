@@ -23,11 +23,14 @@ def write_json(path: str | Path, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, default=str))
 
 
-def skip(out: str | Path, reason: str) -> dict:
-    """Write an output folder that says why this stage had nothing to do (DVC still versions it)."""
+def skip(out: str | Path, reason: str, metrics: str | Path | None = None) -> dict:
+    """Write an output folder that says why this stage had nothing to do (DVC still versions it),
+    and the same to the stage's ``metrics`` file when it has one (DVC requires every output)."""
     shutil.rmtree(out, ignore_errors=True)
     Path(out).mkdir(parents=True)
     write_json(Path(out) / SKIPPED, {"skipped": reason})
+    if metrics:
+        write_json(metrics, {"skipped": reason})
     print(f"skipped: {reason}")
     return {"skipped": reason}
 

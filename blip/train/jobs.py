@@ -15,15 +15,15 @@ from .config import JOBS, TrainConfig
 
 def build_model(
     cfg: TrainConfig, init: str | Path | None, model_cfg: BlipConfig | None, tokenizer: BlipTokenizer | None,
-    vision_init: str | Path | None = None,
+    vision_init: str | Path | None = None, text_init: str | Path | None = None,
 ) -> tuple[BlipBase, BlipTokenizer]:
     """A fresh pre-training model from ``model_cfg`` + ``tokenizer`` (its ViT from the warm start
-    ``vision_init`` when given), or the job's model class initialised from checkpoint ``init``
+    ``vision_init``, its text towers from ``text_init`` when given), or the job's model class initialised from checkpoint ``init``
     (tokenizer read from ``init/tokenizer``)."""
     job = JOBS[cfg.job]
     kwargs = {"negative_all_rank": cfg.negative_all_rank} if job.model == "BlipRetrieval" else {}
-    if init is not None and vision_init is not None:
-        raise ValueError("vision_init warm-starts a model trained from scratch; a checkpoint init already has its ViT")
+    if init is not None and (vision_init is not None or text_init is not None):
+        raise ValueError("vision_init/text_init warm-start a model trained from scratch; a checkpoint init has its own")
     if init is not None:
         model = load_model(init, arch=job.model, **kwargs)
         tok = tokenizer or BlipTokenizer.load(Path(init) / "tokenizer")
@@ -42,6 +42,10 @@ def build_model(
         from .warmstart import load_vision_init
 
         load_vision_init(model, vision_init)
+    if text_init is not None:
+        from .warmstart_text import load_text_init
+
+        load_text_init(model, text_init)
     return model, tokenizer
 
 

@@ -55,11 +55,13 @@ def train(
     resume_dir: str | Path | None = None,
     metrics_path: str | Path | None = None,
     vision_init: str | Path | None = None,
+    text_init: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg.job`` on ``shards``; write the final model (+ tokenizer) to ``out_dir``.
 
     ``init``: checkpoint to start from (required for fine-tuning); ``vision_init``: a ViT warm
-    start (``warmstart.train_vision``) for a model trained from scratch. ``resume_dir`` (default
+    start (``warmstart.train_vision``) and ``text_init`` a text warm start
+    (``warmstart_text.train_text``) for a model trained from scratch. ``resume_dir`` (default
     ``<out_dir>.resume``): where resumable state goes; if it holds state of the same config the
     run continues from it, and it is removed once the final model is written.
     Returns the summary (final losses, steps, throughput, loader counts), also written to
@@ -74,7 +76,7 @@ def train(
     main = is_main_process()
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model, tok = build_model(cfg, init, model_cfg, tokenizer, vision_init)
+    model, tok = build_model(cfg, init, model_cfg, tokenizer, vision_init, text_init)
     model.to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -101,7 +103,7 @@ def train(
         total_steps = min(total_steps, cfg.max_steps)
 
     chash = config_hash({"train": cfg.to_dict(), "model": model.cfg.to_dict(), "init": str(init),
-                         "vision_init": str(vision_init), "world": world,
+                         "vision_init": str(vision_init), "text_init": str(text_init), "world": world,
                          "shards": [str(u) for u in loader.urls]})
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     saved = read_state(resume_dir)
