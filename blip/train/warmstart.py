@@ -122,6 +122,46 @@ def held_out_metrics(vit, head, images, labels, names, device, batch_size: int =
     return out
 
 
+def warm_start_loop(desc: str, metric: str, cfg, opt: torch.optim.Optimizer, n_train: int, loss_of,
+                    tracker) -> dict[str, Any]:
+    """The warm starts' training loop (vision and text): ``cfg.epochs`` passes over random batches
+    of the ``n_train`` training indices (the partial last batch dropped), linear warm-up over
+    ``cfg.warmup_steps`` then cosine decay of ``cfg.lr``. ``loss_of(indices, generator)`` returns the
+    batch's loss (the generator: the run's, for any randomness of the batch such as MLM masking).
+    Returns ``steps``, ``first`` and ``final`` (EMA) loss, ``seconds``."""
+    steps_per_epoch = n_train // cfg.batch_size
+    total = steps_per_epoch * cfg.epochs
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+    step, t0, loss_ema, first = 0, time.perf_counter(), None, None
+    for _epoch in range(cfg.epochs):
+        perm = torch.randperm(n_train, generator=gen)
+        for i in range(steps_per_epoch):
+            lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * step / total))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = loss_of(perm[i * cfg.batch_size:(i + 1) * cfg.batch_size], gen)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            value = float(loss.detach())
+            first = value if first is None else first
+            loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
+            if step % 10 == 0 or step == total:
+                tracker.log_metrics({f"train/{metric}": value, "train/lr": lr}, step=step)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({metric: f"{loss_ema:.4f}"})
+    if bar is not None:
+        bar.close()
+    return {"steps": step, "first": first, "final": loss_ema, "seconds": time.perf_counter() - t0}
+
+
 def train_vision(cfg: WarmstartConfig, vision: VisionConfig, world: WorldConfig, out_dir: str | Path,
                  tracker=None) -> dict[str, Any]:
     """Train ``vision``'s ViT on the labelled set; write ``vision.safetensors`` + ``vision.json``."""
@@ -148,43 +188,16 @@ def train_vision(cfg: WarmstartConfig, vision: VisionConfig, world: WorldConfig,
     weights = torch.zeros(len(names), device=device)
     for idx in groups.values():
         weights[idx] = 1.0 / (len(idx) * len(groups))
-    steps_per_epoch = n_train // cfg.batch_size
-    total = steps_per_epoch * cfg.epochs
     bf16 = dist.bf16_enabled(cfg.bf16, device)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    bar = None
-    if cfg.progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=total, desc="warmstart_vision", unit="step", dynamic_ncols=True)
-    step, t1, loss_ema, first = 0, time.perf_counter(), None, None
-    for _epoch in range(cfg.epochs):
-        perm = torch.randperm(n_train, generator=gen)
-        for i in range(steps_per_epoch):
-            lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * step / total))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x = normalize(images[idx]).to(device)
-            with train_autocast(device, bf16):
-                logits = head(vit(x)[:, 0])
-            per_label = F.binary_cross_entropy_with_logits(logits.float(), labels[idx].to(device), reduction="none")
-            loss = (per_label.mean(0) * weights).sum()  # every label group weighs the same
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            value = float(loss.detach())
-            first = value if first is None else first
-            loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
-            if step % 10 == 0 or step == total:
-                tracker.log_metrics({"train/bce": value, "train/lr": lr}, step=step)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(bce=f"{loss_ema:.4f}")
-    if bar is not None:
-        bar.close()
-    train_s = time.perf_counter() - t1
+    def loss_of(idx: torch.Tensor, _gen: torch.Generator) -> torch.Tensor:
+        with train_autocast(device, bf16):
+            logits = head(vit(normalize(images[idx]).to(device))[:, 0])
+        per_label = F.binary_cross_entropy_with_logits(logits.float(), labels[idx].to(device), reduction="none")
+        return (per_label.mean(0) * weights).sum()  # every label group weighs the same
+
+    run = warm_start_loop("warmstart_vision", "bce", cfg, opt, n_train, loss_of, tracker)
+    step, first, loss_ema, train_s = run["steps"], run["first"], run["final"], run["seconds"]
     metrics = held_out_metrics(vit, head, images[n_train:], labels[n_train:], names, device)
     summary = {"format": FORMAT, "vision": asdict(vision), "world": asdict(world), "warmstart": asdict(cfg),
                "labels": names, "steps": step, "first_bce": round(first or float("nan"), 5),

@@ -22,7 +22,6 @@ ITC/ITM heads stay random, as in BLIP.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -42,6 +41,7 @@ from ..model.med import LMHead, Role, TextTransformer, init_bert_weights
 from ..tokenizer import BlipTokenizer
 from .config import TextWarmstartConfig
 from .optim import param_groups
+from .warmstart import warm_start_loop
 
 WEIGHTS = "text.safetensors"
 CARD = "text.json"
@@ -134,43 +134,17 @@ def train_text(cfg: TextWarmstartConfig, text: TextConfig, encoder_width: int, w
     torch.manual_seed(cfg.seed)
     model = MaskedLM(text, encoder_width).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    steps_per_epoch = n_train // cfg.batch_size
-    total = steps_per_epoch * cfg.epochs
     bf16 = dist.bf16_enabled(cfg.bf16, device)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    bar = None
-    if cfg.progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=total, desc="warmstart_text", unit="step", dynamic_ncols=True)
-    step, t1, loss_ema, first = 0, time.perf_counter(), None, None
-    for _epoch in range(cfg.epochs):
-        perm = torch.randperm(n_train, generator=gen)
-        for i in range(steps_per_epoch):
-            lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * step / total))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            length = int(attention[idx].sum(1).max())  # trim the batch's common padding
-            x, labels = mask_tokens(ids[idx, :length], attention[idx, :length], tokenizer, gen)
-            with train_autocast(device, bf16):
-                logits = model(x.to(device), attention[idx, :length].to(device))
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten(), ignore_index=-100)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            value = float(loss.detach())
-            first = value if first is None else first
-            loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
-            if step % 10 == 0 or step == total:
-                tracker.log_metrics({"train/mlm": value, "train/lr": lr}, step=step)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(mlm=f"{loss_ema:.4f}")
-    if bar is not None:
-        bar.close()
-    train_s = time.perf_counter() - t1
+    def loss_of(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        length = int(attention[idx].sum(1).max())  # trim the batch's common padding
+        x, labels = mask_tokens(ids[idx, :length], attention[idx, :length], tokenizer, gen)
+        with train_autocast(device, bf16):
+            logits = model(x.to(device), attention[idx, :length].to(device))
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten(), ignore_index=-100)
+
+    run = warm_start_loop("warmstart_text", "mlm", cfg, opt, n_train, loss_of, tracker)
+    step, first, loss_ema, train_s = run["steps"], run["first"], run["final"], run["seconds"]
     metrics = held_out_metrics(model, ids[n_train:], attention[n_train:], tokenizer, device, cfg.seed + 1)
     summary = {"format": FORMAT, "text": asdict(text), "encoder_width": encoder_width, "world": asdict(world),
                "warmstart": asdict(cfg), "steps": step, "first_mlm": round(first or float("nan"), 5),
