@@ -7,6 +7,7 @@ they have, as the official checkpoints do, so each key loads on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -76,11 +77,18 @@ def read_config(directory: str | Path) -> tuple[str, BlipConfig]:
     return meta["arch"], BlipConfig.from_dict(meta["config"])
 
 
-def load_model(directory: str | Path, arch: str | None = None, strict: bool = True, **model_kwargs) -> BlipBase:
+def load_model(directory: str | Path, arch: str | None = None, strict: bool = True, image_size: int | None = None,
+               **model_kwargs) -> BlipBase:
     """Build the model saved in ``directory`` (or as ``arch``, e.g. a captioner from a pre-trained
     checkpoint: towers the target lacks are dropped, towers it has but the file lacks are
-    reported)."""
+    reported). ``image_size``: build it for another input size (the position embeddings are
+    interpolated, as BLIP does going from 224-px pre-training to 384-px fine-tuning)."""
     saved_arch, cfg = read_config(directory)
+    if image_size is not None and image_size != cfg.vision.image_size:
+        if image_size % cfg.vision.patch_size:
+            raise ValueError(f"image_size={image_size} is not a multiple of {directory}'s patch size "
+                             f"{cfg.vision.patch_size}")
+        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=image_size))
     arch = arch or saved_arch
     if arch not in MODEL_CLASSES:
         raise ValueError(f"unknown model class {arch!r}; known: {sorted(MODEL_CLASSES)}")

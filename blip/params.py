@@ -138,14 +138,28 @@ class EvaluateParams:
 
 @dataclass
 class ComputeParams:
-    """``compute:`` — how training stages launch. ``nproc_per_node`` > 1 (or ``auto`` = one per
-    visible GPU) re-launches the stage under ``torchrun`` (DDP: NCCL on GPUs, gloo on CPU)."""
+    """``compute:`` — how stages launch. ``nproc_per_node`` > 1 (or ``auto`` = one per visible
+    GPU) re-launches a training stage under ``torchrun`` (DDP: NCCL on GPUs, gloo on CPU).
+    ``ray_*``: where the shard stages run with ``executor: ray`` (``capfilt/ray_executor.py``):
+    ``ray_address`` null (Ray's lookup: $RAY_ADDRESS, a ``ray start`` cluster on this host, else a
+    new local Ray) | local | auto | host:port; GPUs and CPUs per actor (``auto``: one GPU each
+    when the cluster has GPUs); ``ray_max_retries``: how often a shard is retried when its worker dies."""
 
     nproc_per_node: int | str = 1
+    ray_address: str | None = None
+    ray_gpus_per_worker: float | str = "auto"
+    ray_cpus_per_worker: float = 1.0
+    ray_max_retries: int = 3
 
     def __post_init__(self) -> None:
         if self.nproc_per_node != "auto" and not (isinstance(self.nproc_per_node, int) and self.nproc_per_node >= 1):
             raise ValueError(f"nproc_per_node={self.nproc_per_node!r}: an integer >= 1 or 'auto'")
+        self.ray()  # validates the ray_* keys
+
+    def ray(self):
+        from .capfilt.ray_executor import RayOptions
+
+        return RayOptions(self.ray_address, self.ray_gpus_per_worker, self.ray_cpus_per_worker, self.ray_max_retries)
 
 
 @dataclass

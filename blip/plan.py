@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -214,12 +214,20 @@ def plan(params, given: dict[str, int] | None = None) -> tuple[list[Row], dict[s
     cfg = params.model.config({"vocab_size": vocab})
     rows: list[Row] = []
 
+    def at(section: str) -> BlipConfig:
+        """The model as a training section runs it (its ``image_size``, e.g. 384-px fine-tuning);
+        what a fine-tuned model is later used for runs at that size too."""
+        size = params.train(section).image_size
+        return cfg if size is None else replace(cfg, vision=replace(cfg.vision, image_size=size))
+
     def train_row(stage: str, section: str, pairs: int, note: str = "") -> None:
         tc = params.train(section)
         job = {"pretrain": "pretrain", "repretrain": "pretrain", "finetune_captioner": "captioner",
                "finetune_filter": "retrieval", "finetune_shared": "shared"}[section]
         steps = _steps(tc, pairs)
-        rows.append(Row(stage, pairs, steps, steps * tc.batch_size * job_flops(job, cfg, tc.max_text_len).train, note))
+        note = f"{note}; {at(section).vision.image_size} px" if note else f"{at(section).vision.image_size} px"
+        rows.append(Row(stage, pairs, steps, steps * tc.batch_size * job_flops(job, at(section), tc.max_text_len).train,
+                        note))
 
     web, human = n["web"], n["human"]
     ws = params.warmstart_vision
@@ -238,14 +246,16 @@ def plan(params, given: dict[str, int] | None = None) -> tuple[list[Row], dict[s
     else:
         train_row("finetune_captioner", "finetune_captioner", human.pairs)
         train_row("finetune_filter", "finetune_filter", human.pairs)
+    captioner = at("finetune_shared" if shared else "finetune_captioner")
+    filt = at("finetune_shared" if shared else "finetune_filter")
     parts = params.capfilt.parts
     beams = params.caption.num_beams if params.capfilt.decoding == "beam" else 1
     if parts in ("captioner", "both"):
-        rows.append(Row("caption", web.images, None, web.images * caption_flops(cfg, params.caption.max_length, beams),
+        rows.append(Row("caption", web.images, None, web.images * caption_flops(captioner, params.caption.max_length, beams),
                         f"{params.capfilt.decoding}, {beams} sequence(s) of <= {params.caption.max_length} tokens"))
     texts = 2 if parts in ("captioner", "both") else 1
     rows.append(Row("filter", web.pairs * texts, None,
-                    web.images * filter_flops(cfg, params.filter.max_length, texts),
+                    web.images * filter_flops(filt, params.filter.max_length, texts),
                     "web + synthetic texts" if texts == 2 else "web texts"))
     bootstrapped = human.pairs + web.pairs * texts
     train_row("repretrain", "repretrain", bootstrapped, "upper bound: every web and synthetic text kept")
@@ -253,12 +263,13 @@ def plan(params, given: dict[str, int] | None = None) -> tuple[list[Row], dict[s
         if side == "capfilt":
             train_row("downstream_captioner", "finetune_captioner", human.pairs)
             train_row("downstream_retrieval", "finetune_filter", human.pairs)
-        flops = sum(retrieval_eval_flops(cfg, n[s].images, n[s].pairs, params.evaluate.k_test,
+        flops = sum(retrieval_eval_flops(at("finetune_filter"), n[s].images, n[s].pairs, params.evaluate.k_test,
                                          params.train("finetune_filter").max_text_len)
                     for s in params.evaluate.retrieval_splits if s in n)
         cap = n.get(params.evaluate.caption_split)
         if cap is not None:
-            flops += cap.images * caption_flops(cfg, params.caption.max_length, params.caption.num_beams)
+            flops += cap.images * caption_flops(at("finetune_captioner"), params.caption.max_length,
+                                                params.caption.num_beams)
         rows.append(Row(f"evaluate@{side}", sum(n[s].images for s in params.evaluate.retrieval_splits if s in n),
                         None, flops, f"k_test {params.evaluate.k_test}"))
     return rows, n

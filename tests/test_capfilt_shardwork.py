@@ -158,3 +158,16 @@ def test_actionable_errors(web, tmp_path):
         run(web / "00000.tar", tmp_path / "out2")
     with pytest.raises(ValueError, match="executor"):
         run(web, tmp_path / "out3", workers=2, executor="fork")
+
+
+def test_result_names_from_paths_and_urls():
+    from blip.data.shards import is_local, shard_file_name
+
+    assert result_name("/d/web/00003.tar") == "00003.parquet"
+    assert result_name("s3://bucket/web/00003.tar?versionId=2") == "00003.parquet"
+    assert result_name("pipe:aws s3 cp s3://bucket/web/00003.tar -") == "00003.parquet"
+    assert result_name("https://host/web/00003.tar.gz") == "00003.parquet"
+    assert shard_file_name("pipe:curl -s -L https://host/a/00007.tgz") == "00007.tgz"
+    assert is_local("/d/00003.tar") and not is_local("pipe:cat x.tar") and not is_local("gs://b/x.tar")
+    with pytest.raises(ValueError, match="must name its .tar file"):
+        result_name("pipe:my-shard-server --next")

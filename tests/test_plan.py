@@ -83,6 +83,9 @@ def test_the_paper_variant_plans_the_papers_steps(capsys, tmp_path):
     assert "warmstart_vision" not in rows  # BLIP starts from ImageNet weights, not our stand-in
     per_pair = rows["pretrain"]["flops"] / (rows["pretrain"]["steps"] * 2880)
     assert 150e9 < per_pair < 400e9  # ViT-B/16 at 224 + BERT-base x 5 passes, x3 for backward
+    # fine-tuning at 384 px (577 image tokens against 197): the same captioner job costs more per pair
+    assert rows["pretrain"]["note"].endswith("224 px") and rows["finetune_captioner"]["note"].endswith("384 px")
+    assert rows["downstream_retrieval"]["flops"] == rows["finetune_filter"]["flops"]
 
 
 def test_plan_counts_real_shards_and_names_a_split_it_cannot_count(tmp_path, capsys):

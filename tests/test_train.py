@@ -115,6 +115,29 @@ def test_pretrain_then_finetune_lower_the_losses(world, tmp_path):
         assert (tmp_path / job / "tokenizer" / "tokenizer.json").exists()
 
 
+def test_finetune_at_another_image_size_interpolates_the_position_embeddings(world, tmp_path):
+    """BLIP pre-trains at 224 px and fine-tunes at 384: ``image_size`` builds the fine-tuned model at
+    the new size from the pre-trained weights (pos_embed interpolated), and it is saved at that size."""
+    root, tok = world
+    cfg = TrainConfig(job="pretrain", epochs=1, batch_size=32, max_steps=1, progress=False)
+    train(cfg, [root / "human"], tmp_path / "pre", model_cfg=_tiny(tok), tokenizer=tok)
+    pre = load_model(tmp_path / "pre")
+    size, patch = pre.cfg.vision.image_size, pre.cfg.vision.patch_size
+    big = size + 2 * patch
+    cfg = TrainConfig(job="finetune_captioner", epochs=1, batch_size=32, max_steps=2, image_size=big, progress=False)
+    s = train(cfg, root / "human", tmp_path / "cap", init=tmp_path / "pre")
+    assert s["steps"] == 2
+    cap = load_model(tmp_path / "cap")
+    assert cap.cfg.vision.image_size == big and cap.cfg.vision.num_tokens == 1 + (big // patch) ** 2
+    assert cap.visual_encoder.pos_embed.shape[1] == cap.cfg.vision.num_tokens
+    # untrained parts of the ViT came over unchanged; the interpolated grid keeps the class token's embedding
+    pe_pre = pre.visual_encoder.pos_embed.detach()
+    torch.testing.assert_close(load_model(tmp_path / "pre", arch="BlipCaptioner", image_size=big)
+                               .visual_encoder.pos_embed[:, :1], pe_pre[:, :1])
+    with pytest.raises(ValueError, match="not a multiple of .* patch size"):
+        load_model(tmp_path / "pre", image_size=big + 1)
+
+
 def _cli(args, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "tests")}
     env.update(env_extra or {})

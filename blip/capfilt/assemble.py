@@ -65,7 +65,9 @@ from ..data.decode import IMAGE_EXTS
 from ..data.shards import (
     count_shards,
     dumps,
+    is_local,
     resolve_shards,
+    shard_file_name,
     write_shard,
     write_sizes,
 )
@@ -103,6 +105,8 @@ MANIFEST_SCHEMA = pa.schema([
 
 def _shard_label(url: str) -> str:
     """``.../web/00003.tar`` -> ``web/00003.tar``: provenance without machine-specific paths."""
+    if not is_local(url):
+        return shard_file_name(url)
     return f"{os.path.basename(os.path.dirname(url))}/{os.path.basename(url)}"
 
 

@@ -20,14 +20,13 @@ number of workers or which shards ran before.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import asdict
 from functools import partial
 
 import pyarrow as pa
 import torch
 
-from ..data.shards import resolve_shards
+from ..data.shards import resolve_shards, shard_file_name
 from ..data.text import PRETRAIN_MAX_WORDS, pre_caption
 from .config import CaptionConfig
 from .fingerprint import config_hash, file_fingerprint
@@ -65,7 +64,7 @@ class CaptionWorker:
 
     def __call__(self, task: ShardTask) -> ShardResult:
         reader = ShardReader(task.url, self.m.image_size, self.cfg.batch_size)
-        shard = os.path.basename(task.url)
+        shard = shard_file_name(task.url)  # the file name, also inside a URL: seeds do not depend on where it lives
         captions: dict[int, str] = {}
         with torch.inference_mode():
             for b in reader.batches():
@@ -83,19 +82,20 @@ class CaptionWorker:
         return ShardResult(table, shard_error=reader.shard_error)
 
 
-def caption_shards(cfg: CaptionConfig, captioner_dir, web_shards, out_dir, tracker=None, vocab_file=None) -> dict:
+def caption_shards(cfg: CaptionConfig, captioner_dir, web_shards, out_dir, tracker=None, vocab_file=None,
+                   ray=None) -> dict:
     """Caption every web image of ``web_shards`` (anything ``resolve_shards`` takes) with the
     captioner ``captioner_dir`` (ours, an official ``.pth`` + ``vocab_file``, or a transformers
     folder: ``sources.py``); results in ``out_dir`` (module docstring). Finished shards
     are skipped (``shardwork`` idempotency rule: same captioner weights, same ``identity()``,
-    same input shard). Returns the ``run_shards`` summary."""
+    same input shard). ``ray``: ``RayOptions`` for ``executor: ray``. Returns the ``run_shards`` summary."""
     urls = resolve_shards(web_shards)
     cfg_hash = config_hash(STAGE, VERSION, {**cfg.identity(), "captioner": model_fingerprint(captioner_dir, vocab_file)})
     tasks = shard_tasks(urls, result_name, lambda u: {"shard": file_fingerprint(u)})
     if tracker is not None:
         tracker.log_params({f"{STAGE}.{k}": v for k, v in asdict(cfg).items()})
     return run_shards(STAGE, tasks, out_dir, partial(CaptionWorker, cfg, str(captioner_dir), vocab_file), cfg_hash,
-                      workers=cfg.workers, executor=cfg.executor, tracker=tracker, progress=cfg.progress)
+                      workers=cfg.workers, executor=cfg.executor, tracker=tracker, progress=cfg.progress, ray=ray)
 
 
 __all__ = ["EMPTY_CAPTION", "OK", "SCHEMA", "CaptionConfig", "CaptionWorker", "caption_shards", "image_seed"]

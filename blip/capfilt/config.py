@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from ..data.shards import MAX_SHARD_SIZE
 from ..model.config import GenerationConfig
 
-EXECUTORS = ("thread", "process")
+EXECUTORS = ("thread", "process", "ray")
 METHODS = ("nucleus", "beam")  # Table 2: the decodings of the synthetic captions
 TEXT_MAX_LENGTH = 35  # BLIP's retrieval setting (blip-facts §1.8)
 PARTS = {  # Table 1 names -> (use_filter, use_captioner)
@@ -44,7 +44,8 @@ class CaptionConfig:
     captions) or ``transformers`` (5.x). ``max_length``/``min_length`` count the prompt's tokens,
     as BLIP's configs (20/5). ``seed``: nucleus sampling only.
     How it runs (not part of the result's identity): ``batch_size``, ``device`` (auto | cpu |
-    cuda | cuda:N), ``workers`` (shards in flight), ``executor`` (thread | process), ``progress``.
+    cuda | cuda:N), ``workers`` (shards in flight), ``executor`` (thread | process | ray: Ray
+    actors, placed by ``compute.ray_*``), ``progress``.
     """
 
     method: str = "nucleus"
@@ -134,6 +135,9 @@ class AssembleConfig:
         if self.score not in FILTER_SCORES:
             raise ValueError(f"score={self.score!r} unknown; use one of {FILTER_SCORES}")
         check_fan_out(self.workers, self.executor)
+        if self.executor == "ray":
+            raise ValueError("assemble.executor=ray: assembling reads the score tables and writes the new shards where "
+                             "they live; run it with thread or process (caption and filter are the stages for Ray)")
 
     @property
     def parts(self) -> str:

@@ -28,7 +28,7 @@ Output: ``out_dir/<shard>.parquet`` per web shard, one row per input sample, in 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 
 import pyarrow as pa
@@ -81,8 +81,12 @@ class FilterWorker:
         self.m = InferenceModel(filter_dir, "filter", cfg.device, vocab_file)
 
     def __call__(self, task: ShardTask) -> ShardResult:
-        syn_keys, syn_caps = (read_captions(os.path.join(self.captions_dir, task.name))
-                              if self.captions_dir is not None else (None, None))
+        if "captions" in task.params:  # shipped with the task (executor: ray, another host)
+            syn_keys, syn_caps = task.params["captions"]
+        elif self.captions_dir is not None:
+            syn_keys, syn_caps = read_captions(os.path.join(self.captions_dir, task.name))
+        else:
+            syn_keys, syn_caps = None, None
         reader = ShardReader(task.url, self.m.image_size, self.cfg.batch_size)
         cols: dict[str, dict[int, float]] = {c: {} for c in SCORE_COLUMNS}
         with torch.inference_mode():
@@ -125,12 +129,13 @@ class FilterWorker:
 
 
 def score_shards(cfg: FilterConfig, filter_dir, web_shards, captions_dir, out_dir, tracker=None,
-                 vocab_file=None) -> dict:
+                 vocab_file=None, ray=None) -> dict:
     """Score every web sample of ``web_shards`` with the filter ``filter_dir`` (ours, an official
     ``.pth`` + ``vocab_file``, or a transformers folder: ``sources.py``): its web text
     and, when ``captions_dir`` (the caption stage's output) is given, its synthetic caption.
     Results in ``out_dir`` (module docstring); finished shards are skipped (same filter weights,
-    same ``max_length``, same input shard, same caption table). Returns the ``run_shards`` summary."""
+    same ``max_length``, same input shard, same caption table). ``ray``: ``RayOptions`` for
+    ``executor: ray`` (the caption tables then travel with the tasks). Returns the ``run_shards`` summary."""
     urls = resolve_shards(web_shards)
     captions_dir = None if captions_dir is None else str(captions_dir)
     cfg_hash = config_hash(STAGE, VERSION, {"max_length": cfg.max_length, "filter": model_fingerprint(filter_dir, vocab_file),
@@ -148,8 +153,15 @@ def score_shards(cfg: FilterConfig, filter_dir, web_shards, captions_dir, out_di
     tasks = shard_tasks(urls, result_name, fingerprints)
     if tracker is not None:
         tracker.log_params({f"{STAGE}.{k}": v for k, v in asdict(cfg).items()})
+
+    def attach_captions(task: ShardTask) -> ShardTask:
+        if captions_dir is None:
+            return task
+        return replace(task, params={**task.params, "captions": read_captions(os.path.join(captions_dir, task.name))})
+
     return run_shards(STAGE, tasks, out_dir, partial(FilterWorker, cfg, str(filter_dir), captions_dir, vocab_file), cfg_hash,
-                      workers=cfg.workers, executor=cfg.executor, tracker=tracker, progress=cfg.progress)
+                      workers=cfg.workers, executor=cfg.executor, tracker=tracker, progress=cfg.progress, ray=ray,
+                      prepare=attach_captions)
 
 
 __all__ = ["SCHEMA", "SCORE_COLUMNS", "TEXT_MAX_LENGTH", "FilterConfig", "FilterWorker", "read_captions", "score_shards"]

@@ -18,7 +18,12 @@ def file_fingerprint(path: str | os.PathLike, edge: int = 1 << 20) -> str:
     Survives copies and ``dvc checkout`` (no mtimes); catches a regenerated or replaced shard. A
     same-size change confined to the middle of a shard larger than 2 MiB goes unnoticed: delete
     the stage's output folder (DVC does when it reruns a stage) after editing shards in place.
+    A URL (``pipe:``, ``s3://``...) is fingerprinted by :func:`url_fingerprint`.
     """
+    from ..data.shards import is_local
+
+    if not is_local(str(path)):
+        return url_fingerprint(str(path))
     size = os.path.getsize(path)
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
@@ -29,6 +34,24 @@ def file_fingerprint(path: str | os.PathLike, edge: int = 1 << 20) -> str:
             f.seek(size - edge)
             h.update(f.read(edge))
     return f"{size}:{h.hexdigest()}"
+
+
+def url_fingerprint(url: str) -> str:
+    """A remote shard's fingerprint without downloading it: the URL, plus for ``scheme://`` URLs
+    what the store reports (size, ETag, mtime) through fsspec. A ``pipe:`` URL is its command: a
+    changed object behind the same command goes unnoticed, so give each version its own URL."""
+    parts = [f"url:{url}"]
+    if not url.startswith("pipe:"):
+        try:
+            import fsspec
+
+            fs, p = fsspec.core.url_to_fs(url)
+            info = fs.info(p)
+            parts += [f"{k}={info[k]}" for k in ("size", "ETag", "etag", "md5", "mtime", "LastModified", "last_modified")
+                      if info.get(k) is not None]
+        except (OSError, ValueError, ImportError):  # unreachable here: the reader will name it
+            pass
+    return "|".join(parts)
 
 
 def content_hash(paths: Iterable[str | os.PathLike], root: str | os.PathLike | None = None) -> str:

@@ -25,7 +25,9 @@ Fan-out: ``workers <= 1`` runs shards in order in this thread; otherwise a
 ``concurrent.futures`` pool: ``executor="thread"`` (default: the model is loaded once and shared,
 torch releases the GIL in its kernels, and decoding one shard overlaps compute on another) or
 ``"process"`` (spawned processes, each loading its own model: for CPU-bound decoding or one
-process per device). On the first failure, shards not yet started are cancelled, running ones
+process per device) or ``"ray"`` (Ray actors on one host or a cluster, each loading its own model
+on its own GPU; results come back to this process, which commits them: ``ray_executor.py``).
+On the first failure, shards not yet started are cancelled, running ones
 finish and commit, and the error is raised naming the shard.
 """
 
@@ -53,6 +55,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..data.shards import SHARD_EXTENSIONS, shard_file_name
 from .config import check_fan_out
 
 _log = logging.getLogger("blip.capfilt")
@@ -187,7 +190,7 @@ def _commit(task: ShardTask, result: ShardResult, out_dir: str, stage: str, cfg_
         "stage": stage,
         "config_hash": cfg_hash,
         "inputs": task.inputs,
-        "input": os.path.basename(task.url),
+        "input": shard_file_name(task.url),
         "rows": rows,
         "expected_rows": task.expected_rows,
         "status": dict(sorted(status.items())),
@@ -244,6 +247,8 @@ def run_shards(
     executor: str = "thread",
     tracker=None,
     progress: bool = False,
+    ray=None,
+    prepare: Callable[[ShardTask], ShardTask] | None = None,
 ) -> dict:
     """Bring every task's result in ``out_dir`` up to date; returns the summary::
 
@@ -253,6 +258,9 @@ def run_shards(
     ``worker_factory()`` builds the per-shard function (loading models) once per thread pool or
     once per process; it must be picklable for ``executor="process"`` (a ``functools.partial``
     of a module-level class). It is not called when every shard is already valid.
+    ``ray``: ``RayOptions`` for ``executor="ray"``. ``prepare(task)`` (Ray only): called here, in
+    this process, just before a task is shipped to its worker, to attach what a worker on another
+    host could not read from this host's disk (the filter's caption table).
     """
     check_fan_out(workers, executor)
     t0 = time.perf_counter()
@@ -281,7 +289,11 @@ def run_shards(
                                  f"{stage}/rows_done": sum(r["rows"] for r in done_records)}, step=len(done_records))
 
     try:
-        if todo and workers <= 1:
+        if todo and executor == "ray":
+            from .ray_executor import run_ray
+
+            run_ray(stage, todo, out, worker_factory, cfg_hash, workers, ray, records, finished, prepare)
+        elif todo and workers <= 1:
             work = worker_factory()
             for task in todo:
                 try:
@@ -373,9 +385,10 @@ def shard_tasks(urls: list[str], out_name: Callable[[str], str], fingerprints: C
 
 
 def result_name(url: str) -> str:
-    """``.../00003.tar`` -> ``00003.parquet`` (also for ``.tar.gz``/``.tgz``)."""
-    base = os.path.basename(url.rstrip("/"))
-    for ext in (".tar.gz", ".tgz", ".tar"):
+    """``.../00003.tar`` -> ``00003.parquet`` (also for ``.tar.gz``/``.tgz`` and shard URLs:
+    ``pipe:curl -s https://host/00003.tar``)."""
+    base = shard_file_name(url)
+    for ext in SHARD_EXTENSIONS:
         if base.endswith(ext):
             return base[: -len(ext)] + ".parquet"
     return base + ".parquet"

@@ -74,6 +74,30 @@ def _write_bytes(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+SHARD_EXTENSIONS = (".tar.gz", ".tgz", ".tar")
+
+
+def is_local(url: str) -> bool:
+    """A path on this host, as opposed to a webdataset URL (``pipe:...``, ``s3://``, ``https://``)."""
+    url = str(url)
+    return not (url.startswith("pipe:") or "://" in url)
+
+
+def shard_file_name(url: str) -> str:
+    """The shard's file name, also inside a URL: ``/d/00003.tar``, ``s3://b/d/00003.tar?v=2`` and
+    ``pipe:aws s3 cp s3://b/d/00003.tar -`` all give ``00003.tar``."""
+    url = str(url)
+    if url.startswith("pipe:"):
+        for token in reversed(url[5:].split()):
+            if token.rstrip("/").endswith(SHARD_EXTENSIONS):
+                return os.path.basename(token.rstrip("/"))
+        raise ValueError(f"{url!r}: a pipe: shard URL must name its .tar file (e.g. 'pipe:curl -s https://.../00003.tar')"
+                         "; the shard's file name identifies its results")
+    if "://" in url:
+        url = url.split("?", 1)[0].split("#", 1)[0]
+    return os.path.basename(url.rstrip("/"))
+
+
 def resolve_shards(spec) -> list[str]:
     """Shard URLs from a folder, a tar path, a brace pattern (``a/{00000..00003}.tar``), a
     ``::``-separated string of those, or a list of any of them. Order is preserved; a folder
@@ -104,6 +128,19 @@ def resolve_shards(spec) -> list[str]:
     return urls
 
 
+def _remote_json(url: str) -> dict | None:
+    """img2dataset's ``_stats.json`` beside a remote shard (``s3://``, ``https://``: fsspec), or None."""
+    if url.startswith("pipe:"):
+        return None
+    try:
+        import fsspec
+
+        with fsspec.open(url, "rb") as f:
+            return json.load(f)
+    except (OSError, ValueError, ImportError):  # absent, unreachable, or no fsspec backend for the scheme
+        return None
+
+
 @dataclass
 class ShardCount:
     samples: int  # images / tar samples
@@ -112,10 +149,17 @@ class ShardCount:
 
 def _stats_count(url: str) -> ShardCount | None:
     base = url[: -len(".tar")] if url.endswith(".tar") else None
-    if base is None or not os.path.exists(base + "_stats.json"):
+    if base is None:
         return None
-    with open(base + "_stats.json", encoding="utf-8") as f:
-        st = json.load(f)
+    if is_local(url):
+        if not os.path.exists(base + "_stats.json"):
+            return None
+        with open(base + "_stats.json", encoding="utf-8") as f:
+            st = json.load(f)
+    else:
+        st = _remote_json(base + "_stats.json")
+        if st is None:
+            return None
     if "successes" not in st:
         return None
     return ShardCount(int(st["successes"]), int(st.get("pairs", st["successes"])))
@@ -131,7 +175,7 @@ def count_shards(urls: list[str], captions_key: str = "captions") -> dict[str, S
     sizes_cache: dict[str, dict] = {}
     for url in urls:
         c = _stats_count(url)
-        if c is None:
+        if c is None and is_local(url):
             folder = os.path.dirname(url)
             if folder not in sizes_cache:
                 p = os.path.join(folder, "sizes.json")

@@ -30,7 +30,7 @@ def caption(stage, params: Params, tracker: Tracker, *, captioner: str, shards: 
     unskip(out)
     tracker.log_datasets(datasets(shards, "input"))
     return caption_shards(params.caption, _model(params, captioner, shared, "caption"), shards, out, tracker=tracker,
-                          vocab_file=params.model.vocab_file)
+                          vocab_file=params.model.vocab_file, ray=params.compute.ray())
 
 
 def filter(stage, params: Params, tracker: Tracker, *, filter: str, shards: list[str], out: str,
@@ -40,7 +40,7 @@ def filter(stage, params: Params, tracker: Tracker, *, filter: str, shards: list
     captions = None if captions is None or skipped(captions) else captions
     tracker.log_datasets(datasets(shards, "input"))
     return score_shards(params.filter, _model(params, filter, shared, "filter"), shards, captions, out,
-                        tracker=tracker, vocab_file=params.model.vocab_file)
+                        tracker=tracker, vocab_file=params.model.vocab_file, ray=params.compute.ray())
 
 
 def assemble(stage, params: Params, tracker: Tracker, *, web: list[str], scores: str, out: str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -24,8 +25,8 @@ def build_model(
     kwargs = {"negative_all_rank": cfg.negative_all_rank} if job.model == "BlipRetrieval" else {}
     if init is not None and (vision_init is not None or text_init is not None):
         raise ValueError("vision_init/text_init warm-start a model trained from scratch; a checkpoint init has its own")
-    if init is not None:
-        model = load_model(init, arch=job.model, **kwargs)
+    if init is not None:  # at cfg.image_size when set: pos_embed interpolated (BLIP's 224 -> 384 fine-tuning)
+        model = load_model(init, arch=job.model, image_size=cfg.image_size, **kwargs)
         tok = tokenizer or BlipTokenizer.load(Path(init) / "tokenizer")
         return model, tok
     if not job.from_scratch:
@@ -37,6 +38,8 @@ def build_model(
             f"model text.vocab_size={model_cfg.text.vocab_size} but the tokenizer has {len(tokenizer)} tokens; "
             "build the config with load_preset(..., text=tokenizer.special_ids)"
         )
+    if cfg.image_size is not None and cfg.image_size != model_cfg.vision.image_size:
+        model_cfg = dataclasses.replace(model_cfg, vision=dataclasses.replace(model_cfg.vision, image_size=cfg.image_size))
     model = BlipPretrain(model_cfg)
     if vision_init is not None:
         from .warmstart import load_vision_init
