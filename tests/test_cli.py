@@ -109,3 +109,20 @@ def test_exponent_learning_rates_are_floats(tmp_path):
         params_module.load("params.yaml", ["finetune_filter.lr=fast"])
     with pytest.raises(ParamsError, match="parts='1e-4' unknown"):
         params_module.load("params.yaml", ["capfilt.parts=1e-4"])  # a str field keeps its string (and is checked)
+
+
+def test_pretrain_on_a_mistyped_folder_fails_naming_it_before_any_work(capsys, tmp_path):
+    """`--shards <typo> data/generated/human` used to train on the human split alone."""
+    real = tmp_path / "human"
+    real.mkdir()
+    (real / "00000.tar").write_bytes(b"")  # never read: the typo stops the stage first
+    from blip.tokenizer import build_tokenizer
+
+    build_tokenizer(["a red square left of a blue circle"] * 20, vocab_size=120).save(tmp_path / "tok")
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--shards", str(tmp_path / "genrated" / "web"), str(real), "--out", str(tmp_path / "o"),
+              "--tokenizer", str(tmp_path / "tok"), "--set", "mlflow.enabled=false"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "genrated/web' does not exist" in err and "check the path" in err
+    assert not (tmp_path / "o").exists()

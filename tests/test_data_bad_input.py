@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import tarfile
 
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 
 from blip.data.decode import DecodeConfig
 from blip.data.loader import make_loader
+from blip.data.stats import DataError
 from blip.data.tario import RawSample, ShardEnd, iter_shard_samples, write_tar
 
 
@@ -87,14 +89,51 @@ def test_caption_problems_are_converted_or_skipped_by_reason(broken):
 
 
 def test_damaged_tars_count_the_lost_sample_and_the_shard(broken, caplog):
-    st, batches = _run([str(broken / "truncated.tar"), str(broken / "cut_at_boundary.tar"), str(broken / "garbage.tar"),
-                        str(broken / "does_not_exist.tar")])
+    st, batches = _run([str(broken / "truncated.tar"), str(broken / "cut_at_boundary.tar"), str(broken / "garbage.tar")])
     # truncated: 2 good + the cut one; boundary cut: 1 good + the last (can't know it is whole)
     assert st.seen == 5 and st.used == 3
     assert dict(st.skipped) == {"truncated_tar": 2}
-    assert dict(st.shard_errors) == {"truncated_tar": 2, "corrupt_tar": 1, "unreadable_shard": 1}
+    assert dict(st.shard_errors) == {"truncated_tar": 2, "corrupt_tar": 1}
     assert [k for b in batches for k in b["key"]] == ["000020000", "000020001", "000020000"]
-    assert "truncated_tar 2" in caplog.text and "unreadable_shard 1" in caplog.text  # reported, not only counted
+    assert "truncated_tar 2" in caplog.text  # reported, not only counted
+    # ... and named: every damaged shard, every skipped sample (shard, key, reason)
+    assert {os.path.basename(u): why.split(":")[0] for u, why in st.damaged.items()} == {
+        "truncated.tar": "truncated_tar", "cut_at_boundary.tar": "truncated_tar", "garbage.tar": "corrupt_tar"}
+    assert sorted(map(tuple, st.named)) == [("broken0/cut_at_boundary.tar", "000020001", "truncated_tar"),
+                                            ("broken0/truncated.tar", "000020002", "truncated_tar")]
+    assert "truncated.tar (truncated_tar" in caplog.text and "garbage.tar (corrupt_tar" in caplog.text
+    assert "truncated.tar/000020002 (truncated_tar)" in caplog.text
+
+
+def test_a_missing_shard_path_is_an_error_naming_it_before_anything_is_read(broken, tmp_path):
+    """A mistyped folder beside a real one used to train on the real one alone, with only an
+    epoch-end count `unreadable_shard 3`; now nothing starts."""
+    from blip.data.corpus import caption_corpus
+
+    typo = str(tmp_path / "data" / "generatd" / "web")
+    for spec in ([typo, str(broken / "full.tar")], typo, str(broken / "does_not_exist.tar"),
+                 str(broken / "{full,nothere}.tar")):
+        with pytest.raises(FileNotFoundError, match="does not exist.*check the path") as e:
+            make_loader(spec, train=False, batch_size=4)
+        assert ("generatd" in str(e.value)) or ("does_not_exist" in str(e.value)) or ("nothere" in str(e.value))
+    with pytest.raises(FileNotFoundError, match="generatd"):
+        list(caption_corpus([str(broken / "full.tar"), typo]))
+
+
+def test_shards_without_samples_are_named_with_what_was_found(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "00000.tar").write_bytes(b"")
+    with pytest.raises(DataError, match=r"00000\.tar \(0 bytes") as e:
+        make_loader(str(tmp_path / "empty"), train=False, batch_size=4)
+    assert "num_samples" not in str(e.value) and "blip.data inspect" in str(e.value)
+
+
+def test_too_many_skipped_samples_fail_naming_the_reasons_and_shards(broken, caplog):
+    with pytest.raises(DataError, match=r"3 of 10 samples skipped \(30% > the ceiling 10%\).*undecodable_image 2.*"
+                                        r"broken0/images\.tar \(3\)"):
+        _run([str(broken / "images.tar")], max_skipped_fraction=0.1)
+    st, _ = _run([str(broken / "images.tar")], max_skipped_fraction=0.3)  # at the ceiling: goes on
+    assert st.used == 7
 
 
 def test_all_bad_inputs_together_in_training_with_two_workers(broken):

@@ -101,6 +101,8 @@ def test_pretrain_then_finetune_lower_the_losses(world, tmp_path):
         h = tr.history(k)
         assert sum(h[-6:]) / 6 < sum(h[:6]) / 6, (k, h)
     assert not (tmp_path / "pre.resume").exists()  # resume state removed once the model is written
+    report = json.loads((tmp_path / "pre" / "data_report.json").read_text())  # what was read, by name
+    assert report["seen"] == report["used"] + sum(report["skipped"].values()) and "named" in report
     pre = load_model(tmp_path / "pre")
     assert pre.load_report == {"missing": [], "unexpected": []}
 

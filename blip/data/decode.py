@@ -143,11 +143,11 @@ def _image(data: bytes, cfg: DecodeConfig, conv: Counter) -> Image.Image | str:
 def decode_sample(raw: RawSample, cfg: DecodeConfig, stats: LoaderStats) -> Sample | None:
     """Return a ``Sample`` (counted as used) or None (counted as skipped, by reason)."""
     if raw.error is not None:
-        stats.skip(raw.error)
+        stats.skip(raw.error, raw)
         return None
     data = next((raw.fields[e] for e in IMAGE_EXTS if e in raw.fields), None)
     if data is None:
-        stats.skip("missing_image")
+        stats.skip("missing_image", raw)
         return None
     conv: Counter = Counter()  # repairs, counted only if the sample ends up used
     meta: dict = {}
@@ -161,11 +161,11 @@ def decode_sample(raw: RawSample, cfg: DecodeConfig, stats: LoaderStats) -> Samp
     meta = {k: meta[k] for k in ("captions", "caption", "image_id") if k in meta}
     captions = _captions(raw, meta, cfg, conv)
     if isinstance(captions, str):
-        stats.skip(captions)
+        stats.skip(captions, raw)
         return None
     image = _image(data, cfg, conv)
     if isinstance(image, str):
-        stats.skip(image)
+        stats.skip(image, raw)
         return None
     stats.seen += 1
     stats.used += 1

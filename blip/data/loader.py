@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,8 +38,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .decode import DecodeConfig, Sample, decode_sample
-from .shards import count_shards, resolve_shards
-from .stats import LoaderStats
+from .shards import count_shards, is_local, resolve_shards
+from .stats import DataError, LoaderStats
 from .tario import RawSample, ShardEnd, iter_shard_samples
 from .text import swap_left_right
 from .transforms import PRETRAIN_MIN_SCALE, EvalTransform, TrainTransform, normalize
@@ -61,7 +62,9 @@ class LoaderConfig:
     pass). It holds *decoded* images (a multi-caption image once), so its memory is about
     ``shuffle_buffer * H * W * 3`` bytes per worker: trivial at 64 px, ~0.6 GB for 1000 images at
     512x384; import real data with ``--max-side`` or lower the buffer accordingly.
-    ``max_words`` overrides ``decode.max_words``.
+    ``max_words`` overrides ``decode.max_words``. ``max_skipped_fraction``: the loader raises
+    ``DataError`` (naming the top reasons and shards) once more than this share of the samples
+    seen were skipped — checked from the first tenth of an epoch on; None: never.
     """
 
     batch_size: int = 32
@@ -77,6 +80,7 @@ class LoaderConfig:
     seed: int = 0
     shuffle_buffer: int = 1000
     num_samples: int | None = None
+    max_skipped_fraction: float | None = None
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def __post_init__(self) -> None:
@@ -148,7 +152,7 @@ def read_stage(src, stats: LoaderStats) -> Iterator[RawSample]:
         for item in iter_shard_samples(url):
             if isinstance(item, ShardEnd):
                 if item.error:
-                    stats.shard_errors[item.error] += 1
+                    stats.shard_damaged(url, item.error, item.detail)
                 continue
             if i % slots == slot:
                 yield item
@@ -293,7 +297,7 @@ class BlipLoader:
             counts = count_shards(self.urls).values()
             self.num_items = sum(c.pairs if self.cfg.expand_captions else c.samples for c in counts)
         if self.num_items <= 0:
-            raise ValueError(f"no samples in {shards!r}; pass num_samples= if the shards carry no counts")
+            raise DataError(_no_samples(self.urls))
         self.stats = LoaderStats()
         self.epoch_stats = LoaderStats()
 
@@ -318,17 +322,33 @@ class BlipLoader:
         else:
             source = iter(stream)
         self.epoch_stats = LoaderStats()
+        min_seen = max(50, min(self.num_items // 10, 1000))  # fail early, not after an epoch on bad data
         for item in source:
             delta = item.pop("__stats__")
             self.epoch_stats.add(delta)
             self.stats.add(delta)
+            self.epoch_stats.check_ceiling(self.cfg.max_skipped_fraction, f"rank {self.rank} epoch {self.epoch}", min_seen)
             if item.pop("__end__", False):
                 continue
             yield item
         st = self.epoch_stats
         if st.skipped or st.shard_errors:
             _log.warning("rank %d epoch %d: %s", self.rank, self.epoch, st.summary())
+        st.check_ceiling(self.cfg.max_skipped_fraction, f"rank {self.rank} epoch {self.epoch}", 1)
         self.epoch += 1
+
+
+def _no_samples(urls: list[str]) -> str:
+    """Why shards that resolved gave no sample: name each one and what reading it found."""
+    why = []
+    for url in urls[:5]:
+        size = f"{os.path.getsize(url)} bytes" if is_local(url) and os.path.isfile(url) else "remote"
+        end = next((x for x in iter_shard_samples(url, want=set()) if isinstance(x, ShardEnd)), None)
+        found = f"{end.error}: {end.detail}" if end is not None and end.error else "no sample with an image"
+        why.append(f"{url} ({size}; {found})")
+    more = f" and {len(urls) - 5} more" if len(urls) > 5 else ""
+    return (f"no usable samples in {len(urls)} shard(s): {'; '.join(why)}{more}. Check them with `python -m blip.data "
+            "inspect <shards>`; regenerate or re-import damaged shards")
 
 
 def make_loader(shards, rank: int | None = None, world_size: int | None = None, epoch: int = 0, **cfg) -> BlipLoader:

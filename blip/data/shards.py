@@ -122,7 +122,14 @@ def resolve_shards(spec) -> list[str]:
                 raise FileNotFoundError(f"no *.tar shards in folder {part!r}; generate or import data into it first")
             urls += found
         else:
-            urls += list(braceexpand(part))
+            expanded = list(braceexpand(part))
+            missing = [u for u in expanded if is_local(u) and not os.path.isfile(u)]
+            if missing:
+                raise FileNotFoundError(
+                    f"shard path {missing[0]!r} does not exist" + (f" ({len(missing)} of {len(expanded)} in {part!r} are "
+                                                                    "missing)" if len(expanded) > 1 else "")
+                    + "; check the path (a typo? run from the project root?) — nothing is read from a partial list")
+            urls += expanded
     if not urls:
         raise FileNotFoundError(f"no shards found for {spec!r}")
     return urls

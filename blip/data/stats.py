@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
+
+NAMED_CAP = 1000  # skipped samples named one by one; the counts go on beyond it
+SHOW = 5  # names shown in a log line
+
+
+class DataError(ValueError):
+    """The input data cannot be used as it is (too much skipped, nothing readable)."""
+
+
+def shard_label(url: str) -> str:
+    """``/x/data/web/00003.tar`` -> ``web/00003.tar``: enough to find it, short enough to log."""
+    url = str(url)
+    return f"{os.path.basename(os.path.dirname(url))}/{os.path.basename(url)}" if url else ""
+
+
+def _first(title: str, items: list[str], total: int | None = None) -> str:
+    total = len(items) if total is None else total
+    more = f" and {total - SHOW} more" if total > SHOW else ""
+    return f"{title} ({total}): " + ", ".join(items[:SHOW]) + more
 
 
 @dataclass
@@ -16,7 +36,10 @@ class LoaderStats:
     - ``converted``: reason -> samples used after a repair (``mode_CMYK``, ``image_downscaled``,
       ``caption_not_utf8``, ``caption_truncated`` ...); a sample may have several repairs;
     - ``shard_errors``: reason -> shard reads that ended in damage (``truncated_tar``, ...);
-    - ``pairs``: (image, caption) pairs put into batches; ``batches``: batches yielded.
+    - ``pairs``: (image, caption) pairs put into batches; ``batches``: batches yielded;
+    - ``damaged``: shard -> what went wrong reading it (``truncated_tar: ...``), every damaged shard;
+    - ``named``: ``[shard, key, reason]`` of skipped samples, the first ``NAMED_CAP`` of them (the
+      counts in ``skipped`` stay complete beyond it).
 
     Invariant (``check``): ``seen == used + sum(skipped.values())``. In a repeated (training)
     epoch, up to ``shuffle_buffer`` accepted pairs may still sit in the buffer at the epoch cut,
@@ -30,15 +53,25 @@ class LoaderStats:
     skipped: Counter = field(default_factory=Counter)
     converted: Counter = field(default_factory=Counter)
     shard_errors: Counter = field(default_factory=Counter)
+    damaged: dict = field(default_factory=dict)
+    named: list = field(default_factory=list)
 
-    def skip(self, reason: str) -> None:
+    def skip(self, reason: str, sample=None) -> None:
+        """Count a skipped sample; ``sample`` (anything with ``url`` and ``key``) names it."""
         self.seen += 1
         self.skipped[reason] += 1
+        if sample is not None and len(self.named) < NAMED_CAP:
+            self.named.append([shard_label(getattr(sample, "url", "")), str(getattr(sample, "key", "")), reason])
+
+    def shard_damaged(self, url: str, reason: str, detail: str = "") -> None:
+        self.shard_errors[reason] += 1
+        self.damaged[str(url)] = f"{reason}: {detail}" if detail else reason
 
     def to_dict(self) -> dict:
         return {
             "seen": self.seen, "used": self.used, "pairs": self.pairs, "batches": self.batches,
             "skipped": dict(self.skipped), "converted": dict(self.converted), "shard_errors": dict(self.shard_errors),
+            "damaged": dict(self.damaged), "named": list(self.named),
         }
 
     def add(self, other: "LoaderStats | dict") -> None:
@@ -50,6 +83,8 @@ class LoaderStats:
         self.skipped.update(d["skipped"])
         self.converted.update(d["converted"])
         self.shard_errors.update(d["shard_errors"])
+        self.damaged.update(d.get("damaged", {}))
+        self.named.extend(d.get("named", [])[: max(0, NAMED_CAP - len(self.named))])
 
     def take(self) -> dict:
         """Return the counts as a dict and reset to zero (a delta to ship with a batch)."""
@@ -70,4 +105,26 @@ class LoaderStats:
             parts.append("converted " + ", ".join(f"{k} {v}" for k, v in sorted(self.converted.items())))
         if self.shard_errors:
             parts.append("shard errors " + ", ".join(f"{k} {v}" for k, v in sorted(self.shard_errors.items())))
+        if self.damaged:
+            parts.append(_first("damaged shards", [f"{u} ({why})" for u, why in sorted(self.damaged.items())]))
+        if self.named:
+            parts.append(_first("skipped samples", [f"{sh}/{key} ({why})" for sh, key, why in self.named],
+                                 sum(self.skipped.values())))
         return "; ".join(parts)
+
+    def skipped_fraction(self) -> float:
+        return sum(self.skipped.values()) / self.seen if self.seen else 0.0
+
+    def check_ceiling(self, ceiling: float | None, what: str, min_seen: int = 50) -> None:
+        """Raise when more than ``ceiling`` of the samples seen were skipped (at least ``min_seen``
+        seen, so a few bad samples at the start do not trip it), naming the top reasons and shards."""
+        if ceiling is None or self.seen < min_seen or self.skipped_fraction() <= ceiling:
+            return
+        top = ", ".join(f"{k} {v}" for k, v in self.skipped.most_common(3))
+        shards = Counter(sh for sh, _, _ in self.named).most_common(3)
+        raise DataError(
+            f"{what}: {sum(self.skipped.values())} of {self.seen} samples skipped ({self.skipped_fraction():.0%} > the "
+            f"ceiling {ceiling:.0%}); top reasons: {top}; most affected shards: "
+            f"{', '.join(f'{sh} ({n})' for sh, n in shards) or 'n/a'}"
+            + (f"; damaged shards: {', '.join(sorted(self.damaged)[:3])}" if self.damaged else "")
+            + ". Check the data (python -m blip.data inspect <shards>) or raise max_skipped_fraction")

@@ -59,6 +59,7 @@ class TrainConfig:
     max_text_len: int = 30  # 30 pre-training, 35 retrieval, 40 captioning (blip-facts §1.6, §1.8)
     min_scale: float = 0.2  # random-resized-crop scale: 0.2 pre-training, 0.5 fine-tuning
     image_size: int | None = None  # pixels; None: the model's. BLIP fine-tunes at 384 what it pre-trained at 224
+    max_skipped_fraction: float = 0.2  # fail when more of the samples read are unusable (img2dataset web data: ~0-5%)
     augment: bool = True  # horizontal flip + RandomAugment(2, 5) after the crop (BLIP's train transform)
     negative_all_rank: bool = False  # retrieval ITM negatives from every rank (COCO: True)
     bf16: bool | str = False  # autocast matmuls to bfloat16; auto = where the device does bf16 natively
@@ -81,6 +82,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise ValueError(f"max_skipped_fraction={self.max_skipped_fraction}: a fraction in [0, 1] (1: never fail)")
         if self.image_size is not None and self.image_size < 16:
             raise ValueError(f"image_size={self.image_size}: pixels, >= 16 (null: the model's own)")
 

@@ -92,7 +92,7 @@ def train(
         shards,
         LoaderConfig(batch_size=micro, image_size=model.cfg.vision.image_size, train=True, min_scale=cfg.min_scale,
                      hflip=cfg.augment, randaugment=cfg.augment, max_words=cfg.max_text_len, seed=cfg.seed,
-                     num_workers=cfg.num_workers),
+                     num_workers=cfg.num_workers, max_skipped_fraction=cfg.max_skipped_fraction),
         rank=rank, world_size=world,
     )
     steps_per_epoch = len(loader) // cfg.grad_accum_steps
@@ -200,10 +200,12 @@ def train(
         "final_ema": {k: round(v, 5) for k, v in ema.items()},
         "pairs_per_s": round(steps_timed * cfg.batch_size / elapsed, 2) if steps_timed else None,
         "seconds": round(elapsed, 2),
-        "loader": loader.stats.to_dict(),
+        "loader": {k: v for k, v in loader.stats.to_dict().items() if k != "named"},  # names: data_report.json
     }
     if main:
         save_model(model, out_dir, tokenizer=tok, metadata={"job": cfg.job, "train": cfg.to_dict()})
+        # every damaged shard and (up to stats.NAMED_CAP) skipped sample, by name, beside the model
+        (out_dir / "data_report.json").write_text(json.dumps(loader.stats.to_dict(), indent=1))
         if metrics_path is not None:
             Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
             Path(metrics_path).write_text(json.dumps(summary, indent=2))
