@@ -3,16 +3,21 @@
 DVC owns what is up to date (``dvc.yaml`` + ``dvc.lock``); Prefect owns when, where and how often.
 Each stage task runs ``dvc repro --single-item <stage>`` in the workspace, so a task whose inputs
 did not change is a cheap no-op and ``dvc.lock`` always records what ran. Deployment parameters
-never bypass DVC: ``params``/``variant`` are written into ``params.yaml`` first (through
-``blip.params``), so they become DVC params like any hand edit.
+never bypass DVC: ``params``/``variant`` are written into ``params.yaml`` for the run (through
+``blip.params``), so DVC records them in ``dvc.lock`` like any hand edit — and the file is put
+back as it was when the run ends, however it ends, so a run never changes what the next plain run
+does (a run killed before it could restore is undone by the next run, ``run_params``). The
+parameterised run's outputs stay in DVC's run cache and in MLflow.
 
 One flow run = one MLflow parent run (``blip.pipeline.tracking``): the flow creates it, tags it
 with the Prefect flow run, hands its id to the stage processes in ``BLIP_MLFLOW_PARENT_RUN_ID``
 (each executed stage logs a child run under it), and ends it FINISHED or FAILED.
 
-Concurrency: DVC holds one lock per workspace, so stages run one at a time and two bootstrap runs
-must never share a checkout (``serve`` uses ``limit=1``; a work pool needs a concurrency limit of 1
-per checkout). The parallel work — CapFilt shards — happens *inside* the caption/filter stage
+Concurrency: DVC holds one lock per workspace, so stages run one at a time, and a flow run holds
+the workspace's ``.blip-flow.lock`` from its first params edit to its last stage: a second flow
+run in the same checkout fails at once naming the holder (``serve`` uses ``limit=1``; a work pool
+needs a concurrency limit of 1 per checkout). A flow run that is cancelled or crashes ends its
+MLflow parent KILLED or FAILED (state hooks); one killed outright is closed by the next run. The parallel work — CapFilt shards — happens *inside* the caption/filter stage
 commands (``caption.workers``/``caption.executor``, ``filter.workers``/``filter.executor`` in
 ``params.yaml``); those outputs are ``persist: true`` with one atomic result per shard, so a task
 retry redoes only the shards that are missing.
@@ -34,6 +39,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -41,6 +47,8 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +235,84 @@ def publish(root: Path, run_id: str | None, report: bool) -> None:
                              description="The MLflow run of this bootstrap (one child run per executed stage)")
 
 
-@flow(name="bootstrap", log_prints=True, task_runner=task_runner())
+LOCK_FILE = ".blip-flow.lock"
+BACKUP_SUFFIX = ".flow-backup"
+
+
+@contextmanager
+def workspace_lock(home: Path, holder: str) -> Iterator[None]:
+    """Hold ``home/.blip-flow.lock`` (an ``flock``: released by the kernel if this process dies) or
+    fail at once naming the run that holds it."""
+    f = open(home / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise RuntimeError(f"{home} is in use by {owner}: one bootstrap run per checkout at a time (DVC locks the "
+                           "workspace). Wait for it to finish, cancel it, or run in another checkout") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{holder} (pid {os.getpid()})\n")
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+@contextmanager
+def run_params(params_path: Path, variant: str | None, overrides: dict[str, Any] | None) -> Iterator[None]:
+    """``params.yaml`` with the run's ``variant``/``overrides`` applied while the block runs, then
+    the file as it was (a copy ``params.yaml.flow-backup`` is kept meanwhile; one left by a run
+    killed mid-way is restored first — the caller holds the workspace lock, so its run is gone)."""
+    backup = params_path.with_name(params_path.name + BACKUP_SUFFIX)
+    if backup.exists():
+        os.replace(backup, params_path)
+        print(f"restored {params_path} from {backup.name}: a killed run had left its parameters in it")
+    if not variant and not overrides:
+        yield
+        return
+    backup.write_bytes(params_path.read_bytes())
+    try:
+        if variant:
+            params_module.apply_variant(params_path, variant)
+            print(f"applied variant {variant!r} to {params_path} for this run")
+        if overrides:
+            params_module.edit(params_path, overrides)  # ParamsError (naming the key) before any stage
+            print(f"set {overrides} in {params_path} for this run")
+        yield
+    finally:
+        os.replace(backup, params_path)
+        print(f"{params_path} restored")
+
+
+def _home(parameters: dict[str, Any]) -> Path:
+    ws = workspace(parameters.get("root"))
+    return (ws / parameters.get("pipeline", "dvc.yaml")).parent
+
+
+def _end_parent_hook(status: str):
+    """A Prefect state hook: end this flow run's MLflow parent with ``status`` (cancelled: KILLED,
+    crashed: FAILED) — the run's own ``finally`` does not run when its process is stopped."""
+
+    def hook(flow, run, state) -> None:
+        try:
+            home = _home(dict(run.parameters or {}))
+            p = params_module.load(home / "params.yaml")
+            if tracking.enabled(p):
+                for run_id in tracking.flow_parents(home, p, str(run.id), running_only=True):
+                    tracking.finish_parent(home, run_id, status=status)
+        except Exception as e:  # a hook must not mask the state it reports
+            print(f"could not end the MLflow parent of flow run {run.id}: {e}")
+
+    return hook
+
+
+@flow(name="bootstrap", log_prints=True, task_runner=task_runner(),
+      on_cancellation=[_end_parent_hook("KILLED")], on_crashed=[_end_parent_hook("FAILED")])
 def bootstrap(
     params: dict[str, Any] | None = None,
     variant: str | None = None,
@@ -252,33 +337,30 @@ def bootstrap(
     ws = workspace(root)
     home = (ws / pipeline).parent  # where the pipeline's params.yaml, metrics and MLflow store live
     params_path = home / "params.yaml"
-    if variant:
-        params_module.apply_variant(params_path, variant)
-        print(f"applied variant {variant!r} to {params_path}")
-    if params:
-        params_module.edit(params_path, params)  # ParamsError (naming the key) before any stage
-        print(f"set {params} in {params_path}")
-    p = params_module.load(params_path)
-    order = stage_order(ws, stages, pipeline)
-    print(f"stages: {', '.join(order)}")
+    with workspace_lock(ws, f"flow run {flow_run.name or 'local'}"), run_params(params_path, variant, params):
+        p = params_module.load(params_path)
+        order = stage_order(ws, stages, pipeline)
+        print(f"stages: {', '.join(order)}")
 
-    run_id = None
-    if tracking.enabled(p):
-        run_id = tracking.start_parent(home, p, prefect_flow_run_id=flow_run.id, prefect_flow_run_name=flow_run.name)
-        print(f"MLflow parent run {run_id}")
-    summary: dict[str, Any] = {}
-    status = "FAILED"
-    try:
-        for stage in order:
-            result = run_stage.submit(stage, str(ws), force, run_id).result()
-            summary[stage] = result["ran"]
-        publish(home, run_id, report="report" in order)
-        if any(s.rsplit(":", 1)[-1] == "assemble" for s in order) and (home / "metrics" / "clean.json").is_file():
-            publish_clean(home)
-        status = "FINISHED"
-    finally:
-        if run_id:
-            tracking.finish_parent(home, run_id, status=status)
+        run_id = None
+        if tracking.enabled(p):
+            tracking.close_stale_runs(home, p, "bootstrap")  # parents of flow runs killed before they could end them
+            run_id = tracking.start_parent(home, p, prefect_flow_run_id=flow_run.id,
+                                           prefect_flow_run_name=flow_run.name, owned=True)
+            print(f"MLflow parent run {run_id}")
+        summary: dict[str, Any] = {}
+        status = "FAILED"
+        try:
+            for stage in order:
+                result = run_stage.submit(stage, str(ws), force, run_id).result()
+                summary[stage] = result["ran"]
+            publish(home, run_id, report="report" in order)
+            if any(s.rsplit(":", 1)[-1] == "assemble" for s in order) and (home / "metrics" / "clean.json").is_file():
+                publish_clean(home)
+            status = "FINISHED"
+        finally:
+            if run_id:
+                tracking.finish_parent(home, run_id, status=status)
     ran = [s for s in order if summary[s]]
     print(f"ran {len(ran)} of {len(order)} stages: {', '.join(ran) or 'none (all up to date)'}")
     summary["mlflow_run_id"] = run_id

@@ -166,6 +166,7 @@ def test_full_deployment_runs_the_pipeline(prefect, served):
     api_url, env = prefect
     repo, log = served
     stages = run([sys.executable, "-m", "dvc", "stage", "list", "--name-only"], repo).stdout.split()
+    params_before = (repo / "params.yaml").read_bytes()
 
     p = _run_deployment(env, "full-beam", {"params": {"capfilt.decoding": "beam"}}, timeout=1200)
 
@@ -179,12 +180,14 @@ def test_full_deployment_runs_the_pipeline(prefect, served):
     assert {t["state"]["name"] for t in tasks} == {"Completed"}
     assert tasks[0]["name"] == "data" and tasks[-1]["name"] == "report"
 
-    # the override went through params.yaml, so DVC recorded it and nothing is left stale
-    assert yaml.safe_load((repo / "params.yaml").read_text())["capfilt"]["decoding"] == "beam"
+    # the override went through params.yaml, so DVC recorded it; the file is back as committed, so
+    # the next plain run is not a beam run (DVC sees the decoding-dependent stages as changed)
+    assert (repo / "params.yaml").read_bytes() == params_before
+    assert not (repo / "params.yaml.flow-backup").exists()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert lock["stages"]["caption"]["params"]["params.yaml"]["capfilt.decoding"] == "beam"
-    # the bootstrap pipeline (dvc.yaml) is up to date; byod/dvc.yaml is another pipeline, not run here
-    assert json.loads(run([sys.executable, "-m", "dvc", "status", "dvc.yaml", "--json"], repo).stdout) == {}
+    stale = json.loads(run([sys.executable, "-m", "dvc", "status", "dvc.yaml", "--json"], repo).stdout)
+    assert "caption" in stale and "data" not in stale and "pretrain" not in stale, stale
 
     # one MLflow parent for this flow run, finished by the flow, with the stages' runs under it
     client, parents = _parent_runs(repo, fr["id"])
@@ -216,6 +219,22 @@ def test_full_deployment_runs_the_pipeline(prefect, served):
     assert artifacts["bootstrap-report"]["data"] == report_md.replace(link, "](data:image/png;base64," + base64.b64encode(
         (repo / "plots/capfilt_gallery.png").read_bytes()).decode() + ")")
     assert parent.info.run_id in artifacts["mlflow-run"]["data"]
+
+
+def test_a_plain_run_after_a_parameterised_one_uses_the_committed_params(prefect, served):
+    """A run's parameters do not leak into the next run: after the beam run above, a plain run
+    of the caption stage captions with the committed decoding."""
+    api_url, env = prefect
+    repo, log = served
+    committed = yaml.safe_load((repo / "params.yaml").read_text())["capfilt"]["decoding"]
+    assert committed != "beam"
+
+    p = _run_deployment(env, "plain-caption", {"stages": ["caption"]}, timeout=300)
+
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}\nserve log:\n{log.read_text()[-6000:]}"
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert lock["stages"]["caption"]["params"]["params.yaml"]["capfilt.decoding"] == committed
+    assert [t["name"] for t in _task_runs(api_url, _flow_run(api_url, "plain-caption")["id"])] == ["caption"]
 
 
 def test_capfilt_pipeline_runs_through_the_flow(prefect, served):

@@ -7,6 +7,7 @@ test gets its own experiment name and workspace root, so searches never see anot
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import subprocess
 import sys
@@ -274,3 +275,51 @@ def test_disabled_writes_nothing(store, tmp_path, monkeypatch, checkpoint, how):
     assert not t.enabled and t.stage_durations() == {}
     assert list(tmp_path.iterdir()) == []
     assert store.get_experiment_by_name(f"t-off-{how}") is None
+
+
+_KILLED_STAGE = """
+import json, os, sys, time
+from blip.params import from_dict
+from blip.pipeline import tracking
+params = from_dict(json.loads(sys.argv[2]))
+if sys.argv[3] == "stage":
+    with tracking.stage_run(sys.argv[1], params, "pretrain", ["pretrain"]) as t:
+        print(t.run_id, flush=True)
+        time.sleep(600)  # SIGKILLed here, mid-stage
+else:
+    print(tracking.start_parent(sys.argv[1], params, prefect_flow_run_id="f1", owned=True), flush=True)
+    time.sleep(600)
+"""
+
+
+def _killed(root, params_dict: dict, role: str) -> str:
+    """Run id of a run whose owning process was SIGKILLed while it was RUNNING."""
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_STAGE, str(root), json.dumps(params_dict), role],
+                            stdout=subprocess.PIPE, text=True)
+    run_id = proc.stdout.readline().strip()
+    proc.kill()
+    proc.wait()
+    return run_id
+
+
+def test_runs_left_running_by_a_killed_process_are_closed_by_the_next_run(store, tmp_path, caplog):
+    """`dvc repro` SIGKILLed mid-pretrain used to leave the stage's child RUNNING forever beside the
+    rerun's; a killed flow run, its parent."""
+    raw = copy.deepcopy(PARAMS) | {"mlflow": {"enabled": True, "experiment": "t-killed"}}
+    params = from_dict(raw)
+    dead_child = _killed(tmp_path, raw, "stage")
+    assert store.get_run(dead_child).info.status == "RUNNING"
+    with tracking.stage_run(tmp_path, params, "pretrain", ["pretrain"]) as t:  # the rerun
+        live = t.run_id
+        assert store.get_run(dead_child).info.status == "KILLED"
+        assert "left RUNNING by a killed process" in caplog.text
+        # a run whose owner is alive (this one, seen from "another" stage) is left alone
+        assert tracking.close_stale_runs(tmp_path, params, "stage") == []
+    assert store.get_run(live).info.status == "FINISHED"
+
+    dead_parent = _killed(tmp_path, raw, "parent")
+    shared_parent, _ = tracking.resolve_parent(tmp_path, params)  # dvc-repro parents carry no owner: never closed
+    assert tracking.close_stale_runs(tmp_path, params, "bootstrap") == [dead_parent]
+    assert store.get_run(dead_parent).info.status == "KILLED"
+    assert store.get_run(shared_parent).info.status == "RUNNING"
+    assert tracking.flow_parents(tmp_path, params, "f1") == [dead_parent]

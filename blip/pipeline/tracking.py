@@ -24,6 +24,7 @@ import os
 import posixpath
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -41,6 +42,7 @@ DEFAULT_EXPERIMENT = "blip-bootstrap"
 DEFAULT_UI_URL = "http://127.0.0.1:5000"
 PARENT_ENV = "BLIP_MLFLOW_PARENT_RUN_ID"
 ROLE_TAG, WORKSPACE_TAG, STAGE_TAG = "blip.role", "blip.workspace", "blip.stage"
+HOST_TAG, PID_TAG = "blip.host", "blip.pid"  # the process that owns a RUNNING run (stage, or a flow's parent)
 PARENT_TAG = "mlflow.parentRunId"
 # MLflow 3's UI opens an experiment without this tag as a GenAI one (traces, no runs table).
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
@@ -175,6 +177,60 @@ def _run_name(params: Params) -> str:
     return "bootstrap " + "/".join(params.factors().values())
 
 
+def owner_tags() -> dict[str, str]:
+    """Tags naming this process as the owner of a run, so a later run can tell it was killed."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def owner_gone(tags: dict[str, str]) -> bool:
+    """True when the run's owning process was on this host and no longer exists (SIGKILL, OOM,
+    a cancelled flow). Another host's runs, or an owner still alive, are left alone."""
+    if tags.get(HOST_TAG) != socket.gethostname():
+        return False
+    try:
+        pid = int(tags.get(PID_TAG, ""))
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a zombie (killed, not yet reaped by its parent) is gone too
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+def close_stale_runs(root: str | Path, params: Params, role: str) -> list[str]:
+    """Mark KILLED every RUNNING run of ``role`` (``stage`` or ``bootstrap``) in this workspace whose
+    owning process is gone (:func:`owner_gone`): what a SIGKILLed ``dvc repro`` or a killed flow
+    run left behind. Returns their ids. Runs without owner tags (a parent that ``dvc repro``
+    stages share) are never touched."""
+    root = Path(root).resolve()
+    client = _client(root)
+    runs = client.search_runs(
+        [_experiment_id(client, root, params)],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{ROLE_TAG}` = '{role}'",
+        max_results=500,
+    )
+    closed = []
+    for run in runs:
+        tags = run.data.tags
+        if tags.get(WORKSPACE_TAG) == str(root) and owner_gone(tags):
+            client.set_tag(run.info.run_id, "blip.closed", f"owner process {tags.get(PID_TAG)} gone; closed by "
+                                                            f"pid {os.getpid()}")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+            log.warning("mlflow: %s run %s (%s) was left RUNNING by a killed process: marked KILLED", role,
+                        run.info.run_id, tags.get(STAGE_TAG, run.info.run_name))
+    return closed
+
+
 def start_parent(
     root: str | Path,
     params: Params,
@@ -182,8 +238,11 @@ def start_parent(
     prefect_flow_run_id: str | None = None,
     prefect_flow_run_name: str | None = None,
     run_name: str | None = None,
+    owned: bool = False,
 ) -> str:
-    """Create the parent run of one bootstrap (all params, git commit, factors as tags); returns its id."""
+    """Create the parent run of one bootstrap (all params, git commit, factors as tags); returns its id.
+    ``owned``: this process ends it (a flow run): tagged with :func:`owner_tags`, so the next run
+    closes it if this process is killed first."""
     root = Path(root).resolve()
     client = _client(root)
     commit = _git_commit(root)
@@ -199,6 +258,8 @@ def start_parent(
         tags["prefect.flow_run_id"] = str(prefect_flow_run_id)
     if prefect_flow_run_name is not None:
         tags["prefect.flow_run_name"] = str(prefect_flow_run_name)
+    if owned:
+        tags.update(owner_tags())
     run = client.create_run(_experiment_id(client, root, params), tags=tags, run_name=run_name or _run_name(params))
     _log_params(client, run.info.run_id, flat_params(params.raw))
     log.info("mlflow: started parent run %s", run.info.run_id)
@@ -223,6 +284,8 @@ def resolve_parent(root: str | Path, params: Params) -> tuple[str, bool]:
     factors = params.factors()
     for run in runs:
         tags = run.data.tags
+        if PID_TAG in tags:  # a flow run's own parent: the flow ends it, a hand-run stage does not join it
+            continue
         if tags.get(WORKSPACE_TAG) == str(root) and all(tags.get(k) == v for k, v in factors.items()):
             return run.info.run_id, False
     return start_parent(root, params), False
@@ -255,6 +318,16 @@ def log_study(root: str | Path, summary: dict, files: list[str]) -> str:
         client.log_artifact(run.info.run_id, f)
     client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+def flow_parents(root: str | Path, params: Params, flow_run_id: str, running_only: bool = False) -> list[str]:
+    """Ids of the parent runs a Prefect flow run created (tag ``prefect.flow_run_id``)."""
+    root = Path(root).resolve()
+    client = _client(root)
+    status = " and attributes.status = 'RUNNING'" if running_only else ""
+    runs = client.search_runs([_experiment_id(client, root, params)],
+                              filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'{status}")
+    return [r.info.run_id for r in runs]
 
 
 def finish_parent(root: str | Path, run_id: str, status: str = "FINISHED") -> None:
@@ -392,10 +465,12 @@ def stage_run(
         return
     root = Path(root).resolve()
     client = _client(root)
+    close_stale_runs(root, params, "stage")
     parent_id, env_owned = resolve_parent(root, params)
     exp_id = client.get_run(parent_id).info.experiment_id
     factors = params.factors()
-    tags = {PARENT_TAG: parent_id, STAGE_TAG: stage, ROLE_TAG: "stage", WORKSPACE_TAG: str(root), **factors}
+    tags = {PARENT_TAG: parent_id, STAGE_TAG: stage, ROLE_TAG: "stage", WORKSPACE_TAG: str(root), **factors,
+            **owner_tags()}
     run = client.create_run(exp_id, tags=tags, run_name=stage)
     tracker = StageTracker(root, client, run.info.run_id, parent_id, stage, factors)
     tracker.log_params({**flat_params(params.raw, sections), **factors})
