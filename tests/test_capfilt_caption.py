@@ -55,6 +55,18 @@ def test_one_row_per_sample_including_skipped_ones(damaged, damaged_results):
     assert summary["status"]["ok"] == len(rows)
 
 
+def test_a_stage_over_mostly_unusable_input_fails_naming_reasons_and_shards(damaged_results):
+    from blip.capfilt.config import check_skipped
+
+    _, _, summary, _ = damaged_results
+    bad = sum(v for k, v in summary["status"].items() if k != "ok")
+    assert bad >= 3
+    check_skipped(summary, 0.2, "caption")  # a few damaged samples: the run goes on
+    with pytest.raises(ValueError, match=rf"caption: {bad} of \d+ samples unusable .*top reasons: .*undecodable_image 1"
+                                         r".*damaged shards: 00002.parquet \(truncated_tar\).*caption.max_skipped_fraction"):
+        check_skipped(summary, 0.01, "caption")
+
+
 def test_nucleus_captions_do_not_depend_on_batching_or_workers(world, tmp_path):
     ref = tables(world.captions)  # batch 32, one worker
     caption_shards(CaptionConfig(**QUIET, batch_size=3), world.captioner, world.web, tmp_path / "b3")

@@ -25,6 +25,22 @@ def parts_name(use_filter: bool, use_captioner: bool) -> str:
     return {v: k for k, v in PARTS.items()}[(bool(use_filter), bool(use_captioner))]
 
 
+def check_skipped(summary: dict, ceiling: float, stage: str) -> None:
+    """Fail a shard stage whose input was mostly unusable: more than ``ceiling`` of its rows not
+    ``ok`` (the results stay, counted by reason, so the rerun after a fix redoes nothing needlessly)."""
+    status = dict(summary.get("status") or {})
+    rows = sum(status.values())
+    bad = {k: v for k, v in status.items() if k != "ok"}
+    if not rows or sum(bad.values()) / rows <= ceiling:
+        return
+    top = ", ".join(f"{k} {v}" for k, v in sorted(bad.items(), key=lambda kv: -kv[1])[:3])
+    damaged = ", ".join(f"{k} ({v})" for k, v in list((summary.get("shard_errors") or {}).items())[:3])
+    raise ValueError(f"{stage}: {sum(bad.values())} of {rows} samples unusable ({sum(bad.values()) / rows:.0%} > the "
+                     f"ceiling {ceiling:.0%}); top reasons: {top}" + (f"; damaged shards: {damaged}" if damaged else "")
+                     + f". Every sample is named in the per-shard tables in {summary.get('out_dir')}; fix the data or "
+                     f"raise {stage}.max_skipped_fraction")
+
+
 def check_fan_out(workers: int, executor: str) -> None:
     """The fan-out settings every shard stage shares: shards in flight and how they run."""
     if workers < 1:
@@ -61,6 +77,7 @@ class CaptionConfig:
     workers: int = 1
     executor: str = "thread"
     progress: bool = True
+    max_skipped_fraction: float = 0.2  # fail when more of the web samples are unusable (img2dataset: ~0-5%)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -101,6 +118,7 @@ class FilterConfig:
     workers: int = 1
     executor: str = "thread"
     progress: bool = True
+    max_skipped_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         if self.max_length < 3 or self.batch_size < 1:

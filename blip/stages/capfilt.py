@@ -21,6 +21,15 @@ def _model(params: Params, role_dir: str | None, shared: str | None, role: str) 
     return model
 
 
+def _check_skipped(summary: dict, ceiling: float, stage: str) -> None:
+    from ..capfilt.config import check_skipped
+
+    try:
+        check_skipped(summary, ceiling, stage)
+    except ValueError as e:
+        raise StageError(str(e)) from None
+
+
 def caption(stage, params: Params, tracker: Tracker, *, captioner: str, shards: list[str], out: str,
             shared: str | None = None) -> dict:
     if not params.capfilt.use_captioner:
@@ -29,8 +38,10 @@ def caption(stage, params: Params, tracker: Tracker, *, captioner: str, shards: 
 
     unskip(out)
     tracker.log_datasets(datasets(shards, "input"))
-    return caption_shards(params.caption, _model(params, captioner, shared, "caption"), shards, out, tracker=tracker,
-                          vocab_file=params.model.vocab_file, ray=params.compute.ray())
+    summary = caption_shards(params.caption, _model(params, captioner, shared, "caption"), shards, out, tracker=tracker,
+                             vocab_file=params.model.vocab_file, ray=params.compute.ray())
+    _check_skipped(summary, params.caption.max_skipped_fraction, "caption")
+    return summary
 
 
 def filter(stage, params: Params, tracker: Tracker, *, filter: str, shards: list[str], out: str,
@@ -39,8 +50,10 @@ def filter(stage, params: Params, tracker: Tracker, *, filter: str, shards: list
 
     captions = None if captions is None or skipped(captions) else captions
     tracker.log_datasets(datasets(shards, "input"))
-    return score_shards(params.filter, _model(params, filter, shared, "filter"), shards, captions, out,
-                        tracker=tracker, vocab_file=params.model.vocab_file, ray=params.compute.ray())
+    summary = score_shards(params.filter, _model(params, filter, shared, "filter"), shards, captions, out,
+                           tracker=tracker, vocab_file=params.model.vocab_file, ray=params.compute.ray())
+    _check_skipped(summary, params.filter.max_skipped_fraction, "filter")
+    return summary
 
 
 def assemble(stage, params: Params, tracker: Tracker, *, web: list[str], scores: str, out: str,
