@@ -12,6 +12,7 @@ import os
 import sys
 
 from .generator import SPLITS, GenerateConfig
+from .importers import MAX_SKIPPED_FRACTION
 from .layout import DEFAULT_ROOT
 from .world import WorldConfig
 
@@ -29,6 +30,13 @@ def _summary(manifest: dict) -> str:
             lines.append(f"    {kind:16s} {n:6d}  ({n / total if total else 0:.3f} of web)")
     skipped = manifest.get("skipped", {})
     lines.append("  skipped: " + (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"))
+    examples = manifest.get("skipped_examples", [])  # importers: the first few, by name
+    for r in examples:
+        lines.append(f"    {r['reason']:13s} {r['file']} ({r['split']}, image id {r['image_id']})")
+    if sum(skipped.values()) > len(examples) and examples:
+        lines.append(f"    ... and {sum(skipped.values()) - len(examples)} more")
+    if manifest.get("skipped_lists"):
+        lines.append("    every one listed in " + ", ".join(manifest["skipped_lists"]))
     if "timing" in manifest:
         lines.append(f"  took {manifest['timing']['seconds']:.1f} s")
     return "\n".join(lines)
@@ -39,15 +47,21 @@ def _cmd_generate(a) -> int:
     from .noise import DEFAULT_NOISE_MIX
     from .world import WorldConfig
 
-    mix = json.loads(a.noise_mix) if a.noise_mix else dict(DEFAULT_NOISE_MIX)
+    try:
+        mix = json.loads(a.noise_mix) if a.noise_mix else dict(DEFAULT_NOISE_MIX)
+    except json.JSONDecodeError as e:
+        return _error(a.command, f"--noise-mix {a.noise_mix!r} is not JSON ({e}); e.g. '{{\"spam\": 1, \"unrelated\": 3}}'")
     splits = tuple(s.strip() for s in a.splits.split(",")) if a.splits else SPLITS
-    cfg = GenerateConfig(
-        seed=a.seed, web=a.web, human=a.human, val=a.val, test=a.test, zeroshot=a.zeroshot,
-        captions_per_image=a.captions_per_image, noise_rate=a.noise_rate, noise_mix=mix,
-        shard_size=a.shard_size, jpeg_quality=a.jpeg_quality,
-        world=WorldConfig(image_size=a.image_size, n_shapes=a.n_shapes, n_colours=a.n_colours),
-    )
-    manifest = generate(cfg, a.out, splits=splits, processes=a.processes, progress=not a.quiet)
+    try:
+        cfg = GenerateConfig(
+            seed=a.seed, web=a.web, human=a.human, val=a.val, test=a.test, zeroshot=a.zeroshot,
+            captions_per_image=a.captions_per_image, noise_rate=a.noise_rate, noise_mix=mix,
+            shard_size=a.shard_size, jpeg_quality=a.jpeg_quality,
+            world=WorldConfig(image_size=a.image_size, n_shapes=a.n_shapes, n_colours=a.n_colours),
+        )
+        manifest = generate(cfg, a.out, splits=splits, processes=a.processes, progress=not a.quiet)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        return _error(a.command, e)
     print(f"wrote {a.out}\n" + _summary(manifest))
     return 0
 
@@ -55,12 +69,24 @@ def _cmd_generate(a) -> int:
 def _cmd_import(a, which: str) -> int:
     from .importers import import_coco_karpathy, import_flickr_karpathy
 
-    if which == "coco":
-        manifest = import_coco_karpathy(a.karpathy_json, a.image_root, a.out, a.shard_size, a.max_side, not a.quiet)
-    else:
-        manifest = import_flickr_karpathy(a.karpathy_json, a.image_root, a.out, a.as_zeroshot, a.shard_size, a.max_side, not a.quiet)
+    try:
+        if which == "coco":
+            manifest = import_coco_karpathy(a.karpathy_json, a.image_root, a.out, a.shard_size, a.max_side, not a.quiet,
+                                            max_skipped_fraction=a.max_skipped_fraction)
+        else:
+            manifest = import_flickr_karpathy(a.karpathy_json, a.image_root, a.out, a.as_zeroshot, a.shard_size, a.max_side,
+                                              not a.quiet, max_skipped_fraction=a.max_skipped_fraction)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        return _error(a.command, e)
     print(f"wrote {a.out}\n" + _summary(manifest))
     return 0
+
+
+def _error(command: str, e: Exception | str) -> int:
+    """Input a person has to fix: the message alone (it names the file and what to do), exit 2,
+    as ``python -m blip`` does."""
+    print(f"python -m blip.data {command}: error: {e}", file=sys.stderr)
+    return 2
 
 
 def _cmd_inspect(a) -> int:
@@ -128,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         i.add_argument("--out", required=True, help="output root")
         i.add_argument("--shard-size", type=int, default=1000)
         i.add_argument("--max-side", type=int, default=None, help="downscale images whose longer side exceeds this")
+        i.add_argument("--max-skipped-fraction", type=float, default=MAX_SKIPPED_FRACTION,
+                       help="fail, writing nothing, when more of the listed images than this are missing, unreadable, "
+                            "undecodable or without captions (default: %(default)s; each split's skipped.jsonl lists them)")
         i.add_argument("--quiet", action="store_true")
         if name == "import-flickr":
             i.add_argument("--as-zeroshot", action="store_true", help="write only the test split, as zeroshot/")

@@ -23,7 +23,6 @@ processes run.
 from __future__ import annotations
 
 import io
-import json
 import multiprocessing as mp
 import os
 import time
@@ -34,6 +33,7 @@ from typing import Callable
 from . import layout
 from .coco import build_gt, write_gt
 from .grammar import describe, vocabulary, web_style
+from .importers import previous_splits, staged_output_dir
 from .noise import DEFAULT_NOISE_MIX, NOISE_KINDS, corrupt, noise_plan, validate_mix
 from .progress import progress_bar
 from .render import render
@@ -192,46 +192,39 @@ def generate(cfg: GenerateConfig, out_dir: str = "data/generated", splits=SPLITS
     """Write the dataset to ``out_dir`` and return the summary also written as ``manifest.json``.
 
     ``processes``: worker processes (default: CPU count; output does not depend on it).
-    Existing shards of the generated splits are overwritten; stale higher-numbered shards from a
-    bigger earlier run are removed so a folder never mixes two configs.
+    The generated splits are written into a fresh folder that replaces ``out_dir`` in one step
+    (``staged_output_dir``): a folder never mixes two configs, and a run that fails leaves the
+    previous one as it was. Splits not generated this time are kept.
     """
     unknown = set(splits) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown splits {sorted(unknown)}; known: {list(SPLITS)}")
     t0 = time.perf_counter()
-    jobs = _jobs(cfg, splits, out_dir)
-    for split in splits:
-        _remove_stale(os.path.join(out_dir, split), sum(1 for j in jobs if j[1] == split))
-    processes = processes or os.cpu_count() or 1
-    results = []
-    bar = progress_bar(sum(j[4] - j[3] for j in jobs), progress, "generate")
-    if processes > 1 and len(jobs) > 1:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(min(processes, len(jobs))) as pool:
-            for r in pool.imap_unordered(_shard_job, jobs):
-                results.append(r)
-                bar.update(r["samples"])
-    else:
-        for job in jobs:
-            results.append(_shard_job(job))
-            bar.update(results[-1]["samples"])
-    bar.close()
-    results.sort(key=lambda r: (SPLITS.index(r["split"]), r["shard"]))
-    manifest = _finish(cfg, splits, out_dir, results)
+    replaced = ["manifest.json", *splits, *(layout.gt_path("", s) for s in splits if s in EVAL_SPLITS)]
+    with staged_output_dir(out_dir, replaced) as tmp:
+        jobs = _jobs(cfg, splits, tmp)
+        processes = processes or os.cpu_count() or 1
+        results = []
+        bar = progress_bar(sum(j[4] - j[3] for j in jobs), progress, "generate")
+        if processes > 1 and len(jobs) > 1:
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ctx.Pool(min(processes, len(jobs))) as pool:
+                for r in pool.imap_unordered(_shard_job, jobs):
+                    results.append(r)
+                    bar.update(r["samples"])
+        else:
+            for job in jobs:
+                results.append(_shard_job(job))
+                bar.update(results[-1]["samples"])
+        bar.close()
+        results.sort(key=lambda r: (SPLITS.index(r["split"]), r["shard"]))
+        manifest = _finish(cfg, splits, tmp, results, previous_splits(out_dir, splits))
     manifest_timing = {"seconds": round(time.perf_counter() - t0, 2)}
     return {**manifest, "timing": manifest_timing}
 
 
-def _remove_stale(split_dir: str, n_shards: int) -> None:
-    if not os.path.isdir(split_dir):
-        return
-    for name in os.listdir(split_dir):
-        stem = name.split("_")[0].split(".")[0]
-        if stem.isdigit() and int(stem) >= n_shards and (name.endswith(".tar") or name.endswith("_stats.json")):
-            os.remove(os.path.join(split_dir, name))
-
-
-def _finish(cfg: GenerateConfig, splits, out_dir: str, results: list[dict]) -> dict:
+def _finish(cfg: GenerateConfig, splits, out_dir: str, results: list[dict], previous: dict) -> dict:
+    """sizes.json, GT and manifest.json of the generated splits; ``previous``: manifest entries of the kept ones."""
     split_info = {}
     for split in splits:
         rs = [r for r in results if r["split"] == split]
@@ -252,7 +245,7 @@ def _finish(cfg: GenerateConfig, splits, out_dir: str, results: list[dict]) -> d
         "generator": "blip.data.generator",
         "format": "img2dataset-webdataset",
         "config": _jsonable(asdict(cfg)),
-        "splits": {**_previous_splits(out_dir, splits), **split_info},
+        "splits": {**previous, **split_info},
         "vocabulary": vocabulary(cfg.world),
     }
     if "web" in splits:
@@ -268,16 +261,6 @@ def _finish(cfg: GenerateConfig, splits, out_dir: str, results: list[dict]) -> d
     with open(os.path.join(out_dir, "manifest.json"), "wb") as f:
         f.write(dumps(manifest))
     return manifest
-
-
-def _previous_splits(out_dir: str, regenerated) -> dict:
-    """Entries of splits this call did not touch, kept from an earlier manifest."""
-    path = os.path.join(out_dir, "manifest.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        old = json.load(f).get("splits", {})
-    return {k: v for k, v in old.items() if k not in regenerated and os.path.isdir(os.path.join(out_dir, k))}
 
 
 def _jsonable(obj):
