@@ -162,11 +162,48 @@ def test_bad_param_key_fails_before_any_stage(prefect, served):
     assert _parent_runs(repo, fr["id"])[1] == []  # no MLflow parent either
 
 
+def test_a_cancelled_flow_run_ends_its_mlflow_parent_killed(prefect, served):
+    """Cancelled mid-stage (the Prefect UI's Cancel): the run's MLflow parent ends KILLED (the
+    flow's on_cancellation hook: its own ``finally`` never runs), the workspace params are as
+    committed, and the workspace is free for the next run (the full run below finishes the work)."""
+    api_url, env = prefect
+    repo, log = served
+    params_before = (repo / "params.yaml").read_bytes()
+    p = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "bootstrap/full", "--flow-run-name",
+                        "to-cancel", "--params", json.dumps({"params": {"capfilt.decoding": "beam"}})],
+                       env=env, capture_output=True, text=True, timeout=120, check=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # until a stage task is running
+        fr = _flow_run(api_url, "to-cancel")
+        if any(t["state"]["type"] == "RUNNING" for t in _task_runs(api_url, fr["id"])):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"no stage started:\n{p.stdout}\n{log.read_text()[-4000:]}")
+    _api(api_url, f"/flow_runs/{fr['id']}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}})
+    deadline = time.monotonic() + 120
+    while _flow_run(api_url, "to-cancel")["state"]["type"] != "CANCELLED":
+        assert time.monotonic() < deadline, f"not cancelled:\n{log.read_text()[-4000:]}"
+        time.sleep(0.5)
+    deadline = time.monotonic() + 60
+    while True:  # the hook runs in the runner after the flow's process is gone
+        _, parents = _parent_runs(repo, fr["id"])
+        if parents and parents[0].info.status != "RUNNING":
+            break
+        assert time.monotonic() < deadline, f"parent still RUNNING:\n{log.read_text()[-4000:]}"
+        time.sleep(0.5)
+    assert len(parents) == 1 and parents[0].info.status == "KILLED"
+    # the run's params are taken out of params.yaml: now, or by the next run if the kill beat the restore
+    backup = repo / "params.yaml.flow-backup"
+    assert (repo / "params.yaml").read_bytes() == params_before or backup.read_bytes() == params_before
+
+
 def test_full_deployment_runs_the_pipeline(prefect, served):
     api_url, env = prefect
     repo, log = served
     stages = run([sys.executable, "-m", "dvc", "stage", "list", "--name-only"], repo).stdout.split()
-    params_before = (repo / "params.yaml").read_bytes()
+    backup = repo / "params.yaml.flow-backup"  # left by the cancelled run if it was stopped before restoring
+    params_before = (backup if backup.exists() else repo / "params.yaml").read_bytes()
 
     p = _run_deployment(env, "full-beam", {"params": {"capfilt.decoding": "beam"}}, timeout=1200)
 

@@ -211,7 +211,7 @@ class AssembleWorker:
             return {}
         try:
             meta = json.loads(raw.fields["json"])
-        except ValueError:
+        except (ValueError, RecursionError):
             return {}  # an unreadable .json: the reader counted the sample's status already
         return {k: v for k, v in meta.items() if k not in EVAL_ONLY and k not in OWN_FIELDS} \
             if isinstance(meta, dict) else {}

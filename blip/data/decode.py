@@ -7,7 +7,7 @@ failing check in this order):
 | ---------------------------------- | ---------------------------------------------------- |
 | sample cut off by a damaged tar    | skip ``truncated_tar`` / ``corrupt_tar``             |
 | no .jpg/.jpeg/.png/.webp           | skip ``missing_image``                               |
-| .json not valid JSON               | ignored, convert ``json_unreadable``                 |
+| .json not valid JSON (or too deep) | ignored, convert ``json_unreadable``                 |
 | no .txt                            | caption from ``json["caption"]`` (convert            |
 |                                    | ``caption_from_json``), else skip ``missing_caption``|
 | caption bytes not UTF-8            | decode as cp1252, convert ``caption_not_utf8``       |
@@ -64,13 +64,20 @@ class Sample:
     url: str
 
 
+_INT64 = range(-(2**63), 2**63)  # image ids travel as a torch.long tensor
+
+
 def image_id_of(key: str, meta: dict) -> int:
-    """``json["image_id"]`` if it is an int, else the key's digits (img2dataset keys), else CRC32."""
+    """``json["image_id"]`` if it is an int64, else the key's ASCII digits (img2dataset keys) if
+    they fit an int64, else CRC32 of the key."""
     v = meta.get("image_id")
-    if isinstance(v, int) and not isinstance(v, bool):
+    if isinstance(v, int) and not isinstance(v, bool) and v in _INT64:
         return v
     base = key.rsplit("/", 1)[-1]
-    return int(base) if base.isdigit() else zlib.crc32(key.encode("utf-8"))
+    # isascii: str.isdigit also accepts "²" and "①"; len: int() of 4300+ digits raises
+    if base.isascii() and base.isdigit() and len(base) <= 19 and int(base) in _INT64:
+        return int(base)
+    return zlib.crc32(key.encode("utf-8"))
 
 
 def _captions(raw: RawSample, meta: dict, cfg: DecodeConfig, conv: Counter) -> list[str] | str:
@@ -155,7 +162,7 @@ def decode_sample(raw: RawSample, cfg: DecodeConfig, stats: LoaderStats) -> Samp
         try:
             loaded = json.loads(raw.fields["json"])
             meta = loaded if isinstance(loaded, dict) else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than json can parse
             conv["json_unreadable"] += 1
     # whitelist: only these fields are read, so labels such as "noise" cannot leak
     meta = {k: meta[k] for k in ("captions", "caption", "image_id") if k in meta}

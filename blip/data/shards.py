@@ -197,7 +197,7 @@ def count_shards(urls: list[str], captions_key: str = "captions") -> dict[str, S
                     c.samples += 1
                     try:
                         caps = json.loads(s.fields.get("json", b"{}")).get(captions_key)
-                    except (ValueError, AttributeError):
+                    except (ValueError, AttributeError, RecursionError):  # junk, or nested past the parser's depth
                         caps = None
                     c.pairs += len(caps) if isinstance(caps, list) and caps else 1
         out[url] = c

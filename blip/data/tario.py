@@ -14,10 +14,12 @@ import gzip
 import io
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
 BLOCK = 512
+_CHUNK = 1 << 20  # bytes per read: a damaged size field must not size one read (or allocation)
 
 
 @dataclass
@@ -55,7 +57,7 @@ def split_name(name: str) -> tuple[str, str]:
 def _read_exact(f: BinaryIO, n: int) -> bytes:
     chunks, left = [], n
     while left > 0:
-        b = f.read(left)
+        b = f.read(min(left, _CHUNK))
         if not b:
             break
         chunks.append(b)
@@ -84,12 +86,21 @@ def _checksum_ok(h: bytes) -> bool:
 
 
 def _pax_path(data: bytes) -> str | None:
-    # Records are "<len> <key>=<value>\n"; only the path matters for samples.
-    for line in data.split(b"\n"):
-        if b"=" in line and b" " in line:
-            k, _, v = line.split(b" ", 1)[1].partition(b"=")
-            if k == b"path":
-                return v.decode("utf-8", errors="replace")
+    # Records are "<len> <key>=<value>\n", <len> counting the whole record: a value may itself
+    # hold newlines, so records are cut by length, not split on "\n". Only the path matters.
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        try:
+            n = int(data[pos:space]) if space > pos else 0
+        except ValueError:
+            n = 0
+        if n <= space - pos or space <= pos:
+            return None  # not a record: damaged
+        k, eq, v = data[space + 1 : pos + n].partition(b"=")
+        pos += n
+        if eq and k == b"path":
+            return v.removesuffix(b"\n").decode("utf-8", errors="replace")
     return None
 
 
@@ -98,7 +109,8 @@ def iter_tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes | None, str | Non
     ``(name_or_empty, None, reason)`` and stop (``name`` is known when only the data was cut).
 
     Reasons: ``truncated_tar`` (short header or data, or end of file without the zero block that
-    closes a tar), ``corrupt_tar`` (a header whose checksum does not match).
+    closes a tar), ``corrupt_tar`` (a header whose checksum does not match, or anything but zeros
+    after the zero block: a zeroed header).
     """
     long_name: str | None = None
     while True:
@@ -110,7 +122,14 @@ def iter_tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes | None, str | Non
             yield "", None, "truncated_tar"
             return
         if h.count(0) == BLOCK:
-            return  # clean end of archive
+            # A clean end is this zero block followed by nothing but zeros (the second zero block,
+            # record padding). Anything else means a header was zeroed and the members after it
+            # would vanish without a trace. Reading to the end also makes gzip check its CRC.
+            while rest := f.read(_CHUNK):
+                if rest.strip(b"\0"):
+                    yield "", None, "corrupt_tar"
+                    return
+            return
         if not _checksum_ok(h):
             yield "", None, "corrupt_tar"
             return
@@ -161,7 +180,9 @@ def open_shard(url: str) -> BinaryIO:
         f = gopen(url, "rb")
     head = f.peek(2)[:2] if hasattr(f, "peek") else b""
     if head == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=f)  # type: ignore[return-value]
+        gz = gzip.GzipFile(fileobj=f)
+        gz.myfileobj = f  # closed with the GzipFile (as gzip.open does), so a pipe's exit is checked
+        return gz  # type: ignore[return-value]
     return f
 
 
@@ -170,7 +191,8 @@ def iter_shard_samples(url: str, want: set[str] | None = None) -> Iterator[RawSa
 
     ``want``: extensions to keep (others are read past, not stored), e.g. ``{"txt", "json"}``
     for a caption-only pass. Members sharing a key must be adjacent, as in every webdataset
-    writer; a key that reappears later starts a new sample. The incomplete sample at a damaged
+    writer; a key that reappears later starts a new sample, and so does an extension that repeats
+    within a sample (never silently overwritten). The incomplete sample at a damaged
     shard's end comes back with ``error`` set. Never raises for damaged or missing shards: the
     ``ShardEnd`` carries the reason (``unreadable_shard`` when the file cannot be opened).
     """
@@ -180,30 +202,41 @@ def iter_shard_samples(url: str, want: set[str] | None = None) -> Iterator[RawSa
         yield ShardEnd(url, "unreadable_shard", f"{type(e).__name__}: {e}")
         return
     current: RawSample | None = None
+    exts: set[str] = set()  # extensions of ``current`` read so far (also those not in ``want``)
     error: str | None = None
     detail = ""
     try:
         for name, data, reason in iter_tar_members(f):
+            key, ext = split_name(name)
+            # A new sample starts where the key changes, or where an extension repeats (the same
+            # sample written twice in a row): never overwrite a file already read.
+            new = current is None or key != current.key or ext in exts
             if reason is not None:
                 error = reason
-                if name and split_name(name)[0] != (current.key if current else None):
+                if name and new:
                     # The cut member starts a new sample: the previous one is complete.
                     if current is not None:
                         yield current
-                    current = RawSample(key=split_name(name)[0], url=url)
+                    current = RawSample(key=key, url=url)
                 break
             assert data is not None
-            key, ext = split_name(name)
-            if current is None or key != current.key:
+            if new:
                 if current is not None:
                     yield current
-                current = RawSample(key=key, url=url)
+                current, exts = RawSample(key=key, url=url), set()
+            exts.add(ext)
             if want is None or ext in want:
                 current.fields[ext] = data
-    except (OSError, EOFError) as e:  # gzip CRC errors, pipe failures
+    except (zlib.error, gzip.BadGzipFile) as e:  # damaged compressed data, gzip CRC mismatch
+        error, detail = "corrupt_tar", f"{type(e).__name__}: {e}"
+    except (OSError, EOFError) as e:  # cut gzip stream, pipe failures
         error, detail = "truncated_tar", f"{type(e).__name__}: {e}"
     finally:
-        f.close()
+        try:
+            f.close()
+        except (OSError, EOFError) as e:  # a failed pipe: source reports its exit status here
+            if error is None:
+                error, detail = "truncated_tar", f"{type(e).__name__}: {e}"
     if current is not None:
         if error is not None:
             # Everything before this sample was complete; this one may be missing files (when the

@@ -41,7 +41,7 @@ from ..model.med import LMHead, Role, TextTransformer, init_bert_weights
 from ..tokenizer import BlipTokenizer
 from .config import TextWarmstartConfig
 from .optim import param_groups
-from .warmstart import warm_start_loop
+from .warmstart import card, warm_start_loop
 
 WEIGHTS = "text.safetensors"
 CARD = "text.json"
@@ -159,7 +159,7 @@ def train_text(cfg: TextWarmstartConfig, text: TextConfig, encoder_width: int, w
     if text.tie_word_embeddings:
         state.pop("cls.predictions.decoder.weight", None)  # = the word embeddings
     save_file(state, str(out / WEIGHTS), metadata={"format": FORMAT})
-    (out / CARD).write_text(json.dumps(summary, indent=2))
+    (out / CARD).write_text(json.dumps(card(summary), indent=2))
     tracker.log_metrics({f"held_out/{k}": v for k, v in metrics.items()}, step=step)
     return summary
 
