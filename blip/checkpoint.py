@@ -47,7 +47,9 @@ def save_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     meta = {"format": FORMAT, "arch": type(model).__name__, "config": model.cfg.to_dict(), **(metadata or {})}
     (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    save_file(state_dict_for_save(model), str(tmp / WEIGHTS), metadata={"format": "pt", "arch": meta["arch"]})
+    # one metadata key: safetensors writes its metadata map in a per-process random order, so two
+    # keys would make the same weights different bytes (and DVC hashes) from run to run
+    save_file(state_dict_for_save(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(tmp / "tokenizer")
     if directory.exists():  # swap in, so a crash leaves either the old or the new checkpoint

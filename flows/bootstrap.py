@@ -59,6 +59,7 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 from prefect.cache_policies import NONE
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -294,16 +295,20 @@ def _home(parameters: dict[str, Any]) -> Path:
     return (ws / parameters.get("pipeline", "dvc.yaml")).parent
 
 
-def _end_parent_hook(status: str):
+def _end_parent_hook(status: str, authoritative: bool = False):
     """A Prefect state hook: end this flow run's MLflow parent with ``status`` (cancelled: KILLED,
-    crashed: FAILED) — the run's own ``finally`` does not run when its process is stopped."""
+    crashed: FAILED) — the run's own ``finally`` does not run when its process is stopped.
+
+    ``authoritative``: also re-mark a parent the flow already ended. A cancellation kills the stage's
+    DVC process as well, and the flow's ``finally`` may see that stage fail (and write FAILED) before
+    the signal reaches the flow itself; the cancellation is what happened, so the hook has the last word."""
 
     def hook(flow, run, state) -> None:
         try:
             home = _home(dict(run.parameters or {}))
             p = params_module.load(home / "params.yaml")
             if tracking.enabled(p):
-                for run_id in tracking.flow_parents(home, p, str(run.id), running_only=True):
+                for run_id in tracking.flow_parents(home, p, str(run.id), running_only=not authoritative):
                     tracking.finish_parent(home, run_id, status=status)
         except Exception as e:  # a hook must not mask the state it reports
             print(f"could not end the MLflow parent of flow run {run.id}: {e}")
@@ -312,7 +317,7 @@ def _end_parent_hook(status: str):
 
 
 @flow(name="bootstrap", log_prints=True, task_runner=task_runner(),
-      on_cancellation=[_end_parent_hook("KILLED")], on_crashed=[_end_parent_hook("FAILED")])
+      on_cancellation=[_end_parent_hook("KILLED", authoritative=True)], on_crashed=[_end_parent_hook("FAILED")])
 def bootstrap(
     params: dict[str, Any] | None = None,
     variant: str | None = None,
@@ -358,6 +363,9 @@ def bootstrap(
             if any(s.rsplit(":", 1)[-1] == "assemble" for s in order) and (home / "metrics" / "clean.json").is_file():
                 publish_clean(home)
             status = "FINISHED"
+        except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C, or the runner stopping a cancelled run
+            status = "KILLED"
+            raise
         finally:
             if run_id:
                 tracking.finish_parent(home, run_id, status=status)
