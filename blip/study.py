@@ -298,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--tables", nargs="+", default=["1", "2", "3", "4", "12", "datacomp"],
                     choices=["1", "2", "3", "4", "12", "datacomp"])
+    ap.add_argument("--cells", nargs="+", metavar="CELL",
+                    help="run only these cells of the chosen tables (e.g. --tables 3 --cells all); "
+                         "the report still covers every row already in --results")
     ap.add_argument("--root", default=".", help="the project checkout (a git + DVC repository)")
     ap.add_argument("--out", default="docs/study.md")
     ap.add_argument("--results", default="study/results.jsonl")
@@ -306,13 +309,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="run nothing: write docs/study.md and the charts from the rows already in --results")
     a = ap.parse_args(argv)
     root = Path(a.root).resolve()
+    cells = cells_for(a.tables)
+    if a.cells:
+        unknown = sorted(set(a.cells) - {c.name for c in cells})
+        if unknown:
+            ap.error(f"--cells {' '.join(unknown)}: not a cell of tables {' '.join(a.tables)} "
+                     f"(their cells: {', '.join(c.name for c in cells)})")
+        cells = [c for c in cells if c.name in a.cells]
     if a.report_only:
         path = root / a.results
         if not path.is_file():
             ap.error(f"--report-only: no results in {path}")
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     else:
-        rows = run_cells(root, cells_for(a.tables), a.seeds, root / a.results, a.size)
+        rows = run_cells(root, cells, a.seeds, root / a.results, a.size)
     rows = [r for r in rows if r["seed"] in a.seeds]
     summary = summarize(rows, a.tables)
     out = root / a.out

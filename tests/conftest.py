@@ -14,3 +14,25 @@ import torch  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # two workers on two cores
+
+
+# The longest tests first (whole modules where they share a module fixture), in this order (seconds
+# each in CI, 2 cores). xdist deals the first ones out alternately, so the two workers hold about
+# the same (study + loop ≈ kill + flow), and the short tests fill in around them
+# (`--dist worksteal` moves queued ones to whichever worker is idle).
+LONGEST = (
+    "tests/test_study.py::test_smoke_study",  # ~450 s
+    "tests/test_kill_anywhere.py::",  # ~400 s
+    "tests/test_pipeline_dvc.py::",  # the loop ~370 s
+    "tests/test_flow.py::",  # the full deployment ~190 s, then the others on the same Prefect server
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> tuple[int, int]:
+        for i, prefix in enumerate(LONGEST):
+            if item.nodeid.startswith(prefix):
+                return (0, i)
+        return (1 if item.get_closest_marker("pipeline") else 2 if item.get_closest_marker("slow") else 3, 0)
+
+    items.sort(key=rank)  # stable: the rest keep their file order

@@ -130,12 +130,16 @@ def test_smoke_study_runs_dvc_experiments_and_writes_the_tables(tmp_path):
     assert {a.path for a in client.list_artifacts(study[0].info.run_id)} >= {"study.md", "study-table-2.png"}
     assert "+ " in p.stdout
     # Table 3 is about the baseline alone: its cells run the stages up to evaluate@baseline, no CapFilt
-    t3 = run([sys.executable, "-m", "blip.study", "--size", "smoke", "--tables", "3", "--seeds", "0",
-              "--root", str(repo), "--no-mlflow"], repo, timeout=1500)
+    # (one of its three such cells here: they differ only in model.sharing)
+    t3 = run([sys.executable, "-m", "blip.study", "--size", "smoke", "--tables", "3", "--cells", "sa", "all",
+              "--seeds", "0", "--root", str(repo), "--no-mlflow"], repo, timeout=1500)
     rows = {r["cell"]: r for r in map(json.loads, (repo / "study/results.jsonl").read_text().splitlines())}
+    assert set(rows) == {"both", "beam", "itc", "sa", "all"}
     assert rows["sa"]["experiment"] == rows["both"]["experiment"]  # BLIP's sharing: the default run, reused
-    for cell in ("all", "ca", "no-sharing"):
-        assert rows[cell]["experiment"].endswith("-baseline") and "test/r_mean" in rows[cell]["metrics"]
-        assert "capfilt" not in rows[cell]["both_sides"]
+    assert rows["all"]["experiment"].endswith("-baseline") and "test/r_mean" in rows["all"]["metrics"]
+    assert rows["all"]["sets"]["model.sharing"] == "all" and "capfilt" not in rows["all"]["both_sides"]
     assert "Running stage 'pretrain'" in t3.stdout and "Running stage 'repretrain'" not in t3.stdout
     assert "Table 3: all-except-SA beats sharing all" in (repo / "docs/study.md").read_text()
+    bad = run([sys.executable, "-m", "blip.study", "--tables", "3", "--cells", "beam", "--root", str(repo)], repo,
+              check=False)
+    assert bad.returncode == 2 and "--cells beam: not a cell of tables 3" in bad.stderr
