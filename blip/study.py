@@ -244,6 +244,10 @@ def write_markdown(summary: dict, rows: list[dict], out: Path, size: str, charts
     for cell, metrics in summary["cells"].items():
         lines.append(f"| {cell} | " + " | ".join(_ms(metrics[m]) for m in METRICS) + " |")
     lines += ["", "## The paper's comparisons\n",
+              "Each row pairs the two cells seed by seed (same seed, same data). Verdict: *reproduced* / *not "
+              "reproduced* when the mean difference is more than two standard errors from zero in the paper's / "
+              "the opposite direction, else *inconclusive*; an \"about equals\" claim counts as reproduced when "
+              "the difference stays within that noise (weak evidence with few seeds).\n",
               "| table | claim | ours: better − worse per seed | mean ± std | verdict |", "|---|---|---|---:|---|"]
     for c in summary["comparisons"]:
         per_seed = ", ".join(f"{d:+.2f}" for d in c["diffs"]) or "–"

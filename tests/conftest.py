@@ -17,14 +17,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 # The longest tests first (whole modules where they share a module fixture), in this order (seconds
-# each in CI, 2 cores). xdist deals the first ones out alternately, so the two workers hold about
-# the same (study + loop ≈ kill + flow), and the short tests fill in around them
-# (`--dist worksteal` moves queued ones to whichever worker is idle).
+# each in CI, 2 cores): xdist (`--dist load`) deals the first ones out alternately, so the loop with
+# its kills runs on one worker while the study and the Prefect module run on the other, and the
+# short tests fill in around them.
 LONGEST = (
-    "tests/test_study.py::test_smoke_study",  # ~450 s
-    "tests/test_kill_anywhere.py::",  # ~400 s
-    "tests/test_pipeline_dvc.py::",  # the loop ~370 s
-    "tests/test_flow.py::",  # the full deployment ~190 s, then the others on the same Prefect server
+    "tests/test_pipeline_dvc.py::",  # the loop, its factors, then killed in each long stage: ~800 s
+    "tests/test_study.py::test_smoke_study",  # ~350 s
+    "tests/test_flow.py::",  # the full deployment ~250 s, then the others on the same Prefect server
 )
 
 

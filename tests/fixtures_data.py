@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 
 import pytest
 from PIL import Image
+
+
+def tree_bytes(folder) -> dict[str, bytes]:
+    """Relative path -> bytes of every file under ``folder`` (to compare two outputs byte for byte)."""
+    out = {}
+    for d, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, folder)] = fh.read()
+    return out
 
 
 def image_bytes(size=(16, 16), mode="RGB", fmt="JPEG", colour=None) -> bytes:

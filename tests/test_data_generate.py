@@ -1,13 +1,12 @@
 """The generated world: determinism, layout, noise at the set rate, COCO ground truth."""
 
 import json
-import os
 import re
 import tarfile
 from collections import Counter
 
 import pytest
-from fixtures_data import SMALL_WORLD, small_world_fixture  # noqa: F401 (fixture)
+from fixtures_data import SMALL_WORLD, small_world_fixture, tree_bytes  # noqa: F401 (fixture)
 
 from blip.data.generator import SPLITS, GenerateConfig, generate, make_sample
 from blip.data.grammar import vocabulary
@@ -22,20 +21,10 @@ from blip.data.world import (
 )
 
 
-def _files(root):
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            p = os.path.join(dirpath, n)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, root)] = f.read()
-    return out
-
-
 def test_same_seed_gives_byte_identical_output_whatever_the_process_count(small_world, tmp_path):
     # the session fixture was written with 1 process; write again with 2
     generate(GenerateConfig(**SMALL_WORLD), str(tmp_path / "again"), processes=2, progress=False)
-    a, b = _files(small_world), _files(tmp_path / "again")
+    a, b = tree_bytes(small_world), tree_bytes(tmp_path / "again")
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
     assert any(k.endswith(".tar") for k in a)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from fixtures_data import image_bytes
+from fixtures_data import image_bytes, tree_bytes
 from test_data_importers import _sentences, coco_fixture_files  # noqa: F401 (fixture)
 
 import blip.data.generator as generator_module
@@ -32,17 +32,6 @@ def _coco_folder(root, n, missing=(), split_of=lambda i: "train"):
     kjson = root / "dataset_coco.json"
     kjson.write_text(json.dumps({"images": entries, "dataset": "coco"}))
     return kjson
-
-
-def _tree(folder):
-    """Relative path -> bytes of every file under ``folder``."""
-    out = {}
-    for d, _, files in os.walk(folder):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, folder)] = fh.read()
-    return out
 
 
 def _siblings(out):
@@ -184,11 +173,11 @@ def test_rerun_with_another_shard_size_leaves_no_old_shards(coco_fixture, tmp_pa
 def test_interrupted_import_leaves_the_previous_output_intact(coco_fixture, tmp_path, monkeypatch):
     kjson, out = str(coco_fixture / "dataset_coco.json"), tmp_path / "out"
     import_coco_karpathy(kjson, str(coco_fixture), str(out), shard_size=1, progress=False, max_skipped_fraction=0.5)
-    before = _tree(out)
+    before = tree_bytes(out)
     _fail_on_call(monkeypatch, importers_module, 2)
     with pytest.raises(OSError, match="No space left"):
         import_coco_karpathy(kjson, str(coco_fixture), str(out), shard_size=2, progress=False, max_skipped_fraction=0.5)
-    assert _tree(out) == before and _siblings(out) == []
+    assert tree_bytes(out) == before and _siblings(out) == []
 
 
 def test_stale_temporary_folder_of_a_killed_run_is_removed(coco_fixture, tmp_path):
@@ -220,7 +209,7 @@ def test_importing_more_splits_into_the_same_folder_keeps_the_others(coco_fixtur
     out = tmp_path / "out"
     import_coco_karpathy(str(coco_fixture / "dataset_coco.json"), str(coco_fixture), str(out), progress=False,
                          max_skipped_fraction=0.5)
-    coco_files = _tree(out)
+    coco_files = tree_bytes(out)
     root = tmp_path / "flickr"
     root.mkdir()
     entries = []
@@ -230,7 +219,7 @@ def test_importing_more_splits_into_the_same_folder_keeps_the_others(coco_fixtur
         entries.append({"filename": name, "imgid": i, "split": split, "sentences": _sentences(5, f"f{i}")})
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": entries}))
     import_flickr_karpathy(str(tmp_path / "dataset_flickr30k.json"), str(root), str(out), as_zeroshot=True, progress=False)
-    after = _tree(out)
+    after = tree_bytes(out)
     assert all(after[p] == b for p, b in coco_files.items() if p != "manifest.json")
     assert "zeroshot/00000.tar" in after and "annotations/zeroshot_gt.json" in after
     manifest = json.loads(after["manifest.json"])
@@ -252,20 +241,20 @@ def test_interrupted_generate_leaves_the_previous_output_intact(tmp_path, monkey
     out = tmp_path / "gen"
     cfg = GenerateConfig(web=12, human=4, val=2, test=2, zeroshot=2, shard_size=4)
     generate(cfg, str(out), processes=1, progress=False)
-    before = _tree(out)
+    before = tree_bytes(out)
     _fail_on_call(monkeypatch, generator_module, 2)
     with pytest.raises(OSError, match="No space left"):
         generate(GenerateConfig(seed=1, web=12, human=4, val=2, test=2, zeroshot=2, shard_size=3), str(out),
                  processes=1, progress=False)
-    assert _tree(out) == before and _siblings(out) == []
+    assert tree_bytes(out) == before and _siblings(out) == []
 
 
 def test_generate_some_splits_again_keeps_the_others(tmp_path):
     out = tmp_path / "gen"
     generate(GenerateConfig(web=12, human=4, val=2, test=2, zeroshot=2, shard_size=4), str(out), processes=1, progress=False)
-    before = _tree(out)
+    before = tree_bytes(out)
     generate(GenerateConfig(web=12, shard_size=5), str(out), splits=("web",), processes=1, progress=False)
-    after = _tree(out)
+    after = tree_bytes(out)
     assert sorted(p for p in after if p.startswith("web/") and p.endswith(".tar")) == ["web/00000.tar", "web/00001.tar", "web/00002.tar"]
     assert {p: b for p, b in after.items() if not p.startswith("web/") and p != "manifest.json"} == \
            {p: b for p, b in before.items() if not p.startswith("web/") and p != "manifest.json"}

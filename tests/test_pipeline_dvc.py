@@ -1,13 +1,17 @@
 """The DVC graph for real: ``dvc repro`` of the whole loop on the smoke params in a fresh git repo,
 a no-op second repro, ``dvc metrics/plots/exp show``, an ablation with ``dvc exp run -S`` that
-reruns only what depends on the factor, and the MLflow runs the stages wrote (client API)."""
+reruns only what depends on the factor, the MLflow runs the stages wrote (client API) — then,
+with that first run as the reference, kill anywhere, lose nothing (``kill_anywhere.py``).
+Slow: ~7 min alone on 2 cores, ~13 min in CI beside the other worker."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 
+import kill_anywhere
 import pytest
 import yaml
 from pipeline_repo import make_repo, run
@@ -35,11 +39,13 @@ def lock_md5(repo, path: str) -> str:
     return next(o["md5"] for s in lock["stages"].values() for o in s.get("outs", []) if o["path"] == path)
 
 
-def test_dvc_repro_runs_the_loop_then_nothing_then_only_what_a_factor_touches(tmp_path):
+@pytest.mark.slow
+def test_dvc_repro_loop_then_nothing_then_only_what_a_factor_touches_then_killed_in_each_long_stage(tmp_path):
     repo = make_repo(tmp_path / "repo")
 
     first = dvc(repo, "repro")
     assert ran_stages(first.stdout) == ALL_STAGES
+    reference = kill_anywhere.reference(repo)
     for out in ["models/captioner/model.safetensors", "models/filter/model.safetensors",
                 "models/repretrain/model.safetensors", "models/shared/SKIPPED.json", "report.md",
                 "models/warmstart_vision/vision.safetensors", "metrics/train/warmstart_vision.json",
@@ -106,6 +112,11 @@ def test_dvc_repro_runs_the_loop_then_nothing_then_only_what_a_factor_touches(tm
     assert stats["parts"] == "captioner"
     assert {k: v["dropped"] for k, v in stats["sources"].items()} == {"human": 0, "web": 0, "synthetic": 0}
     assert stats["sources"]["synthetic"]["kept"] == 48
+
+    # kill anywhere, lose nothing: the same loop in the same folder, SIGKILLed inside each long stage
+    shutil.rmtree(repo)
+    make_repo(repo)
+    kill_anywhere.kill_each_long_stage_then_finish(repo, *reference)
 
 
 def _check_mlflow(repo) -> None:

@@ -103,11 +103,11 @@ def test_report_only_writes_the_tables_from_the_rows_and_runs_nothing(tmp_path):
 @pytest.mark.pipeline
 def test_smoke_study_runs_dvc_experiments_and_writes_the_tables(tmp_path):
     repo = make_repo(tmp_path / "repo", variant=None)
-    p = run([sys.executable, "-m", "blip.study", "--size", "smoke", "--tables", "2", "datacomp", "--seeds", "0",
+    p = run([sys.executable, "-m", "blip.study", "--size", "smoke", "--tables", "2", "--seeds", "0",
              "--root", str(repo)], repo, timeout=1500)
     rows = [json.loads(line) for line in (repo / "study/results.jsonl").read_text().splitlines()]
-    assert sorted(r["cell"] for r in rows) == ["beam", "both", "itc"]
-    assert len({r["experiment"] for r in rows}) == 3
+    assert sorted(r["cell"] for r in rows) == ["beam", "both"]
+    assert len({r["experiment"] for r in rows}) == 2
     beam = next(r for r in rows if r["cell"] == "beam")
     assert beam["sets"]["capfilt.decoding"] == "beam" and "dataset/noise_ratio" in beam["metrics"]
     assert beam["metrics"]["repretrain/steps"] > 0 and beam["metrics"]["pretrain/steps"] == 6  # the smoke cap
@@ -117,10 +117,10 @@ def test_smoke_study_runs_dvc_experiments_and_writes_the_tables(tmp_path):
     assert "| both |" in md and "Table 2: nucleus beats beam downstream" in md and "inconclusive (one seed)" in md
     assert (repo / "docs/study-table-2.png").stat().st_size > 1000
     # resumable: a second call runs nothing new
-    again = run([sys.executable, "-m", "blip.study", "--size", "smoke", "--tables", "2", "datacomp", "--seeds", "0",
+    again = run([sys.executable, "-m", "blip.study", "--size", "smoke", "--tables", "2", "--seeds", "0",
                  "--root", str(repo), "--no-mlflow"], repo, timeout=600)
     assert not [line for line in again.stdout.splitlines() if line.startswith("+ ")]  # no dvc command
-    assert len((repo / "study/results.jsonl").read_text().splitlines()) == 3
+    assert len((repo / "study/results.jsonl").read_text().splitlines()) == 2
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
@@ -134,7 +134,7 @@ def test_smoke_study_runs_dvc_experiments_and_writes_the_tables(tmp_path):
     t3 = run([sys.executable, "-m", "blip.study", "--size", "smoke", "--tables", "3", "--cells", "sa", "all",
               "--seeds", "0", "--root", str(repo), "--no-mlflow"], repo, timeout=1500)
     rows = {r["cell"]: r for r in map(json.loads, (repo / "study/results.jsonl").read_text().splitlines())}
-    assert set(rows) == {"both", "beam", "itc", "sa", "all"}
+    assert set(rows) == {"both", "beam", "sa", "all"}
     assert rows["sa"]["experiment"] == rows["both"]["experiment"]  # BLIP's sharing: the default run, reused
     assert rows["all"]["experiment"].endswith("-baseline") and "test/r_mean" in rows["all"]["metrics"]
     assert rows["all"]["sets"]["model.sharing"] == "all" and "capfilt" not in rows["all"]["both_sides"]

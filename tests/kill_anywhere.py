@@ -2,15 +2,17 @@
 pre-training, caption, filter, re-pre-training, evaluation — then run again, ends where an
 uninterrupted run ends: the same output hashes in ``dvc.lock`` and the same metrics.
 
+Run by ``test_pipeline_dvc`` after its uninterrupted loop, which is the reference (one smoke
+run less in CI than a test of its own): :func:`reference` right after that run, then
+:func:`kill_each_long_stage_then_finish` in the same folder rebuilt.
+
 What is compared: every cached output's md5 (models, shards, tables, predictions) — bitwise,
 since every stage is deterministic on CPU with its seeds (training resumes exactly, CapFilt
 commits whole shards); and every metrics file and training curve (``plots/*.csv``) with its
 wall-clock fields left out (``seconds``, ``pairs_per_s``...: the only non-deterministic numbers,
 which is also why ``dvc.lock`` records other md5s for those files and for the stages that read
-them; ``report.md`` quotes them too). Both runs happen in the same
-folder (one after the other), so paths recorded in the outputs are equal too.
-
-About 2 smoke runs of wall time (~4-6 min on 2 cores), marked slow.
+them; ``report.md`` quotes them too). Both runs happen in the same folder (one after the other),
+so paths recorded in the outputs are equal too.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import csv
 import json
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -28,25 +29,24 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import yaml
-from pipeline_repo import make_repo, repo_env, run
-
-pytestmark = [pytest.mark.slow, pytest.mark.pipeline]
+from pipeline_repo import repo_env, run
 
 VICTIMS = ["pretrain", "caption", "filter", "repretrain", "evaluate@baseline"]
 WALL_CLOCK = re.compile(r"(seconds|per_s|_s|wall|time|elapsed|duration)$")
 HEADER = re.compile(r"Running stage '([^']+)'")
 
 
-def _stage_runs(repo: Path, status: str | None = None) -> list[tuple[str, str, int, int | None]]:
-    """(name, status, start ms, end ms) of the MLflow child runs of ``dvc repro``'s stages, oldest
-    first — read with sqlite3 itself, a fresh read-only connection each time: MLflow's client keeps
-    its engine per URI, which would outlive the reference repo deleted and rebuilt at this path."""
+def _stage_runs(repo: Path, status: str | None = None) -> list[tuple[str, str, int, int | None, str | None]]:
+    """(name, status, start ms, end ms, tag ``blip.closed``) of the MLflow child runs of ``dvc
+    repro``'s stages, oldest first — read with sqlite3 itself, a fresh read-only connection each
+    time: MLflow's client keeps its engine per URI, which would outlive the reference repo deleted
+    and rebuilt at this path."""
     con = sqlite3.connect(f"file:{repo / 'mlflow.db'}?mode=ro", uri=True, timeout=30)
     try:
-        rows = con.execute("SELECT r.name, r.status, r.start_time, r.end_time FROM runs r JOIN tags t ON "
+        rows = con.execute("SELECT r.name, r.status, r.start_time, r.end_time, c.value FROM runs r JOIN tags t ON "
                            "t.run_uuid = r.run_uuid AND t.key = 'blip.role' AND t.value = 'stage' "
+                           "LEFT JOIN tags c ON c.run_uuid = r.run_uuid AND c.key = 'blip.closed' "
                            "ORDER BY r.start_time").fetchall()
     finally:
         con.close()
@@ -113,18 +113,17 @@ def _state(repo: Path) -> tuple[dict, dict]:
     return outs, metrics
 
 
-def test_dvc_repro_killed_inside_each_long_stage_ends_as_an_uninterrupted_run(tmp_path):
-    repo = tmp_path / "repo"
-    make_repo(repo)
-    rc, out = _repro(repo)
-    assert rc == 0, out[-4000:]
-    reference = _state(repo)
-    # how long each victim's command worked (its MLflow child run spans it): the kill lands a third
-    # of the way in, before the command ends and DVC hashes the outputs even on a less loaded box
-    spans = {name: (end - start) / 1000 for name, _, start, end in _stage_runs(repo)}
-    shutil.rmtree(repo)
+def reference(repo: Path) -> tuple[tuple[dict, dict], dict[str, float]]:
+    """After an uninterrupted ``dvc repro``: its outputs and metrics, and how long each victim's
+    command worked (its MLflow child run spans it)."""
+    spans = {name: (end - start) / 1000 for name, _, start, end, _ in _stage_runs(repo) if name in VICTIMS}
+    return _state(repo), spans
 
-    make_repo(repo)
+
+def kill_each_long_stage_then_finish(repo: Path, reference: tuple[dict, dict], spans: dict[str, float]) -> None:
+    """In ``repo`` freshly made at the reference's path: ``dvc repro`` SIGKILLed a third of the way
+    into each victim's command (before it ends and DVC hashes the outputs, even on a less loaded
+    box), a second ``dvc repro`` refused meanwhile, then one run to the end — and every check."""
     second: list[subprocess.CompletedProcess] = []
 
     def second_repro() -> None:  # two writers on one workspace: DVC's locks turn the second away
@@ -153,16 +152,10 @@ def test_dvc_repro_killed_inside_each_long_stage_ends_as_an_uninterrupted_run(tm
     assert not [p for p in (repo / "data" / "capfilt").rglob("*.tmp-*")]
 
     # MLflow: nothing stays RUNNING; each victim ran twice, the killed attempt's child run closed
-    # KILLED by the rerun (its owner process gone), the rerun's FINISHED. MLflow's first use in this
-    # process, so no engine of the deleted reference store is reused
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string="tags.`blip.role` = 'stage'", order_by=["attributes.start_time ASC"])
-    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+    # KILLED by the rerun (its owner process gone), the rerun's FINISHED
+    runs = _stage_runs(repo)
+    assert [name for name, status, *_ in runs if status == "RUNNING"] == []
     for stage in VICTIMS:
-        statuses = [r.info.status for r in runs if r.info.run_name == stage]
+        statuses = [status for name, status, *_ in runs if name == stage]
         assert statuses == ["KILLED", "FINISHED"], (stage, statuses, kills)
-    killed = [r for r in runs if r.info.status == "KILLED"]
-    assert all("gone; closed by" in r.data.tags.get("blip.closed", "") for r in killed)
+    assert all("gone; closed by" in (closed or "") for _, status, _, _, closed in runs if status == "KILLED")
