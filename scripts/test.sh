@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest -q -n 2 --dist load --durations=15 "$@"
+exec .venv/bin/python -m pytest -q -n 2 --dist load --maxschedchunk 1 --durations=15 "$@"
