@@ -18,7 +18,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # The longest tests first, spread over the two xdist workers. `scripts/test.sh` runs
 # `-n 2 --dist load --maxschedchunk 1`: xdist hands each worker two consecutive tests to start with,
-# then one at a time to whichever worker has drained its queue. So the loop with its kills (~900 s
+# then one at a time to whichever worker has drained its queue. So the loop with its kills (~650 s
 # in CI) goes first to worker 0 with one short test queued behind it, the smoke study (~350 s) and
 # the Prefect module (~450 s, one server per module) go to worker 1, and the short tests fill in.
 LONGEST = (

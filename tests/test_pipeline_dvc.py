@@ -2,7 +2,7 @@
 a no-op second repro, ``dvc metrics/plots/exp show``, an ablation with ``dvc exp run -S`` that
 reruns only what depends on the factor, the MLflow runs the stages wrote (client API) — then,
 with that first run as the reference, kill anywhere, lose nothing (``kill_anywhere.py``).
-Slow: ~7 min alone on 2 cores, ~13 min in CI beside the other worker."""
+Slow: ~10.5 min in CI beside the other worker (2 cores)."""
 
 from __future__ import annotations
 
