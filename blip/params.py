@@ -8,7 +8,8 @@ rules that derive one key from another live in one place (:func:`_derive`):
 
 - ``caption.method`` is ``capfilt.decoding`` (Table 2);
 - ``assemble.use_filter`` / ``assemble.use_captioner`` come from ``capfilt.parts`` (Table 1);
-- ``assemble.score`` is ``capfilt.filter_score`` (ITM, or DataComp's ITC cosine at ITM's kept count);
+- ``assemble.score`` is ``capfilt.filter_score`` (ITM, DataComp's ITC cosine at ITM's kept count, or the
+  ``oracle`` ceiling: the hidden noise labels decide the web texts, an evaluation instrument);
 - a training section's ``job`` is its name (``repretrain`` trains like ``pretrain``, from scratch).
 
 Setting a derived key by hand is an error naming the factor to set instead. Validation is whole and
@@ -89,7 +90,7 @@ class CapfiltParams:
     parts: str = "both"  # Table 1: none | filter | captioner | both
     decoding: str = "nucleus"  # Table 2: nucleus (p=0.9) | beam (3 beams)
     models: str = "decoupled"  # Table 4: decoupled (two fine-tunes) | shared (one model, LM+ITC+ITM)
-    filter_score: str = "itm"  # itm (BLIP) | itc (DataComp's CLIP-score filter, at ITM's kept count)
+    filter_score: str = "itm"  # itm (BLIP) | itc (DataComp's CLIP-score filter, at ITM's kept count) | oracle (labels)
     captioner: str | None = None  # a released checkpoint instead of the fine-tuned captioner (capfilt/sources.py)
     filter: str | None = None  # ... and instead of the fine-tuned filter: ours, an official .pth, transformers
 

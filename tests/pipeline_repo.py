@@ -12,7 +12,9 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
 FILES = ["dvc.yaml", "params.yaml", "params-smoke.yaml", "params-quick.yaml", "params-paper.yaml", "prefect.yaml", "flows",
-         "byod/dvc.yaml", "byod/params.yaml", ".dvcignore"]
+         "byod/dvc.yaml", "byod/params.yaml", ".dvcignore",
+         # the frozen stage's committed output (the shipped warm start), as a fresh clone has it
+         "models/warmstart_vision", "metrics/train/warmstart_vision.json"]
 GITIGNORE = (PROJECT / ".gitignore").read_text()
 
 

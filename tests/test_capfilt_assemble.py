@@ -19,6 +19,7 @@ from fixtures_capfilt import (  # noqa: F401
     read_members,
     temporaries,
     world_fixture,
+    write_members,
 )
 
 from blip.capfilt.assemble import assemble
@@ -248,3 +249,48 @@ def test_itc_cut_edges():
     assert itc_cut([t], threshold=0.1)["cut"] == float("-inf")
     assert itc_cut([t], threshold=0.95)["cut"] == float("inf")
     assert itc_cut([t], threshold=0.5, use_captioner=False) == {"cut": pytest.approx(0.2), "n_texts": 2, "n_drop": 1}
+
+
+def test_oracle_keeps_exactly_the_clean_web_texts_and_the_filter_decides_the_synthetic(world, tmp_path,
+                                                                                      median_threshold):
+    """capfilt.filter_score: oracle — the ceiling's instrument: the hidden labels decide the web texts."""
+    from blip.data.labels import noise_labels
+
+    labels = noise_labels(world.web)
+    assert 0 < sum(v is not None for v in labels.values()) < WEB  # both kinds present
+    stats = assemble(AssembleConfig(threshold=median_threshold, score="oracle", **QUIET), world.human, world.web,
+                     world.scores, tmp_path / "oracle")
+    kept = {(m["meta"]["orig_key"], m["meta"]["caption_source"]) for m in out_samples(tmp_path / "oracle")}
+    scores = score_rows(world.scores)
+    for key, r in scores.items():
+        assert ((key, "web") in kept) == (labels[key] is None), (key, labels[key])  # clean kept, noisy dropped
+        assert ((key, "synthetic") in kept) == (r["itm_syn"] >= median_threshold)  # the ITM rule
+    web = stats["sources"]["web"]
+    n_noisy = sum(v is not None for v in labels.values())
+    assert (web["kept"], web["dropped_by"]) == (WEB - n_noisy, {"noise_label": n_noisy})
+    assert stats["sources"]["synthetic"]["input"] == WEB
+    assert stats["score"] == "oracle" and "evaluation instrument" in stats["web_decided_by"]
+    from blip.evaluate.report import dataset_table
+
+    assert "an evaluation instrument, not a filter" in dataset_table(stats)
+    assert all("noise" not in m["meta"] for m in out_samples(tmp_path / "oracle"))  # the labels stay out of the data
+
+
+def test_oracle_without_noise_labels_fails_instead_of_keeping_everything(world, tmp_path):
+    """Real img2dataset web shards carry no labels: no labels, no oracle."""
+    web = tmp_path / "web"
+    web.mkdir()
+    for n in NAMES:
+        samples = read_members(world.web / n.replace(".parquet", ".tar"))
+        for _, fields in samples:
+            meta = json.loads(fields["json"])
+            meta.pop("noise")
+            fields["json"] = json.dumps(meta).encode()
+        write_members(web, int(n[:5]), samples, len(samples))
+    with pytest.raises(ValueError, match=r"filter_score=oracle .* has no 'noise' label .* No labels, no oracle"):
+        assemble(AssembleConfig(score="oracle", **QUIET), world.human, web, world.scores, tmp_path / "boot")
+    assert not (tmp_path / "boot").exists()  # refused before any work
+    # without the filter (parts none/captioner) nothing is decided, so nothing needs the labels
+    stats = assemble(AssembleConfig.for_parts("captioner", score="oracle", **QUIET), world.human, web, world.scores,
+                     tmp_path / "b2")
+    assert stats["sources"]["web"]["kept"] == WEB and "web_decided_by" not in stats

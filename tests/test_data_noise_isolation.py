@@ -53,3 +53,59 @@ def test_only_the_writer_and_labels_module_touch_the_noise_field():
                 offenders.append(f"{path.relative_to(BLIP.parent)}:{i}: {line.strip()}")
     assert offenders == [], "read noise labels only through blip.data.labels.noise_labels:\n" + "\n".join(offenders)
     assert READS_NOISE.search('meta.get("noise")') and READS_NOISE.search("x['noise']")  # the check can fail
+
+
+# Every caller of the one reader, by module and function: the evaluation instruments that measure
+# against the truth, and the oracle ceiling of assemble. A new caller fails here until a reviewer
+# has looked at it and added it.
+KNOWN_CALLERS = {
+    ("blip/evaluate/filter_quality.py", "evaluate_filter"),  # the filter's precision/recall/AUC
+    ("blip/evaluate/gallery.py", "capfilt_gallery"),  # the report's picture of kept/dropped texts
+    ("blip/data/contact_sheet.py", "contact_sheet"),  # red frames on the noisy pairs
+    ("blip/capfilt/assemble.py", "_oracle_labels"),  # capfilt.filter_score: oracle (the ceiling cell) only
+    ("bench/probe_recipe.py", "val_metrics"),  # a bench script: the filter per noise kind
+}
+SCANNED = ("blip", "bench", "flows", "byod", "scripts")  # everything but the tests
+
+
+def _callers(root: pathlib.Path) -> tuple[set[tuple[str, str]], set[str]]:
+    """(module, enclosing function) of every ``noise_labels(...)`` call, and the modules importing it."""
+    import ast
+
+    calls, imports = set(), set()
+    for folder in SCANNED:
+        for path in (root / folder).rglob("*.py"):
+            rel = path.relative_to(root).as_posix()
+            if rel == "blip/data/labels.py":
+                continue
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and any(a.name == "noise_labels" for a in node.names):
+                    imports.add(rel)
+                for child in ast.iter_child_nodes(node):
+                    child.parent = node  # type: ignore[attr-defined]
+            for node in ast.walk(tree):
+                name = getattr(node, "func", None)
+                if isinstance(node, ast.Call) and getattr(name, "id", getattr(name, "attr", None)) == "noise_labels":
+                    fn = node
+                    while fn is not None and not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        fn = getattr(fn, "parent", None)
+                    calls.add((rel, fn.name if fn is not None else "<module>"))
+    return calls, imports
+
+
+def test_every_caller_of_the_noise_label_reader_is_a_known_evaluation_instrument(tmp_path):
+    (tmp_path / "blip").mkdir()
+    (tmp_path / "blip" / "train.py").write_text("from .data.labels import noise_labels\n\n"
+                                                "def fit(web):\n    return labels.noise_labels(web)\n")
+    assert _callers(tmp_path) == ({("blip/train.py", "fit")}, {"blip/train.py"})  # the check can fail
+    root = BLIP.parent
+    calls, imports = _callers(root)
+    assert calls == KNOWN_CALLERS, ("a new caller of blip.data.labels.noise_labels (the hidden labels must never reach "
+                                    f"training or filtering): {sorted(calls - KNOWN_CALLERS)}; gone: "
+                                    f"{sorted(KNOWN_CALLERS - calls)}")
+    assert imports == {m for m, _ in KNOWN_CALLERS}  # nobody imports it to hand it on
+    # and assemble reads them only on the oracle path: the one call site is reached only for score: oracle
+    src = (root / "blip/capfilt/assemble.py").read_text(encoding="utf-8")
+    assert src.count("_oracle_labels(") == 2 and '_oracle_labels(web) if oracle else None' in src
+    assert 'oracle = cfg.score == "oracle" and cfg.use_filter' in src

@@ -50,3 +50,49 @@ def test_dataset_table_says_when_the_filter_only_measured():
     assert "| web |  | 10 | 10 | 0 | – |" in off and "0.400 (not dropped: the filter is off" in off
     on = dataset_table({"use_filter": True, "web_drop_ratio": 0.4, "sources": {}})
     assert "web texts the filter rejects: 0.400\n" in on
+
+
+def _ranks_file(path, txt_ranks, image_ids=None):
+    import json
+
+    txt = np.asarray(txt_ranks)
+    split = {"txt_ranks": txt.tolist(), "img_ranks": np.repeat(txt, 5).tolist(),
+             "txt2img": np.repeat(np.arange(len(txt)), 5).tolist(), "image_ids": image_ids or list(range(len(txt)))}
+    path.write_text(json.dumps({"test": split, "zeroshot": split}))
+    return path
+
+
+def test_report_shows_the_paired_interval_and_the_detectable_effect_and_refuses_other_queries(tmp_path):
+    import json
+
+    from blip import params as params_module
+    from blip.stages.common import StageError
+    from blip.stages.evaluate import report
+    from blip.track import NullTracker
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 20, size=300)
+    new = np.where(rng.random(300) < 0.3, 0, base)  # better on ~30% of the images
+    b = _ranks_file(tmp_path / "baseline_ranks.json", base)
+    c = _ranks_file(tmp_path / "capfilt_ranks.json", new)
+    for name in ("baseline", "capfilt"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"test/r_mean": 40.0}))
+    params = params_module.from_dict({"capfilt": {"filter_score": "oracle"}})
+    args = dict(metrics=[f"baseline={tmp_path / 'baseline.json'}", f"capfilt={tmp_path / 'capfilt.json'}"],
+                out=str(tmp_path / "report.md"), json_out=str(tmp_path / "report.json"))
+    report(None, params, NullTracker(), ranks=[f"capfilt={c}", f"baseline={b}"], **args)
+    md = (tmp_path / "report.md").read_text()
+    iv = json.loads((tmp_path / "report.json").read_text())["intervals"]
+    t = iv["test"]
+    assert iv["difference"] == "capfilt − baseline" and t["diff"] > 0 and t["lo"] < t["diff"] < t["hi"]
+    line = (f"- **test**: capfilt − baseline r_mean = **{t['diff']:+.2f}** [{t['lo']:+.2f}, {t['hi']:+.2f}] "
+            f"(95% paired bootstrap over 300 test images, 2000 draws); smallest detectable effect "
+            f"±{t['detectable_effect']:.2f}")
+    assert line in md and "- **zeroshot**:" in md
+    assert t["detectable_effect"] == pytest.approx((t["hi"] - t["lo"]) / 2)
+    assert "an evaluation instrument, not a filter" in md  # the oracle says what it is
+    other = _ranks_file(tmp_path / "other_ranks.json", new, image_ids=list(range(1, 301)))
+    with pytest.raises(StageError, match=r"other_ranks.json and .*baseline_ranks.json do not rank the same test"):
+        report(None, params, NullTracker(), ranks=[f"baseline={b}", f"capfilt={other}"], **args)
+    with pytest.raises(StageError, match="exactly two"):
+        report(None, params, NullTracker(), ranks=[f"baseline={b}"], **args)

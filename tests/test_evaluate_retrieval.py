@@ -10,7 +10,14 @@ from fixtures_data import small_world_fixture  # noqa: F401
 
 from blip.data.corpus import caption_corpus
 from blip.data.loader import make_loader
-from blip.evaluate.retrieval import evaluate_retrieval, itm_eval, retrieval_scores
+from blip.evaluate.intervals import r_mean, recalls
+from blip.evaluate.retrieval import (
+    evaluate_retrieval,
+    evaluate_retrieval_ranks,
+    itm_eval,
+    itm_ranks,
+    retrieval_scores,
+)
 from blip.model.blip import BlipPretrain, BlipRetrieval
 from blip.model.config import load_preset
 from blip.tokenizer import build_tokenizer
@@ -103,6 +110,25 @@ def test_itm_eval_ties_never_count_as_hits():
     assert all(v == 100.0 for v in itm_eval(perfect, perfect.T, txt2img, img2txt).values())
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_itm_ranks_are_the_per_query_ranks_itm_eval_scores(seed):
+    """The per-query ranks (kept for the bootstrap intervals) give itm_eval's metrics exactly."""
+    rng = np.random.default_rng(seed)
+    n_img = 17
+    txt2img, img2txt = five_per_image(n_img)
+    s = rng.integers(0, 5, size=(n_img, 5 * n_img)).astype(float)  # ties included
+    t = rng.integers(0, 5, size=(5 * n_img, n_img)).astype(float)
+    r = itm_ranks(s, t, txt2img, img2txt, chunk=4)
+    assert r["txt_ranks"].shape == (n_img,) and r["img_ranks"].shape == (5 * n_img,)
+    np.testing.assert_array_equal(r["txt2img"], txt2img)
+    for i in range(n_img):  # rank = wrong candidates scoring at least the best positive (ties count against)
+        best = max(s[i, j] for j in img2txt[i])
+        assert r["txt_ranks"][i] == sum(s[i, j] >= best for j in range(5 * n_img) if j not in img2txt[i])
+    got = itm_eval(s, t, txt2img, img2txt)
+    assert recalls(r["txt_ranks"], r["img_ranks"]) == got  # bit for bit
+    assert r_mean({k: list(map(int, v)) for k, v in r.items()}) == got["r_mean"]  # from JSON-ready lists too
+
+
 def test_itm_eval_rejects_mismatched_shapes():
     txt2img, img2txt = five_per_image(3)
     with pytest.raises(ValueError, match="transpose"):
@@ -166,6 +192,11 @@ def test_full_k_equals_scoring_every_pair(tiny, small_world, arch):
     expected = itm_eval(full, full.T, txt2img, [np.flatnonzero(txt2img == i) for i in range(n_img)])
     assert {k: metrics[k] for k in KEYS} == pytest.approx(expected)
     assert (metrics["n_images"], metrics["n_texts"], metrics["k"]) == (12, 60, 256)
+    again, ranks = evaluate_retrieval_ranks(model, tok, small_world / "val", k=256, batch_size=7)
+    assert again == metrics and set(ranks) == {"txt_ranks", "img_ranks", "txt2img", "image_ids"}
+    assert ranks["txt2img"] == txt2img.tolist() and r_mean(ranks) == metrics["r_mean"]
+    ids = [b["image_id"].tolist() for b in make_loader(small_world / "val", batch_size=5, train=False)]
+    assert ranks["image_ids"] == sum(ids, []) and len(set(ranks["image_ids"])) == n_img  # the queries, in order
 
 
 def test_small_k_reranks_only_the_itc_top_k(tiny, small_world):

@@ -18,6 +18,7 @@ from blip.train.warmstart import (
     label_groups,
     label_names,
     labelled_set,
+    check_vision_init,
     load_vision_init,
     scene_labels,
     train_vision,
@@ -78,6 +79,16 @@ def test_a_warm_start_of_another_vit_is_refused_naming_the_file(tmp_path):
         load_vision_init(BlipPretrain(other), tmp_path / "ws")
     with pytest.raises(FileNotFoundError, match="warmstart_vision"):
         load_vision_init(BlipPretrain(cfg), tmp_path / "nothing")
+
+
+def test_a_warm_start_of_another_world_is_refused_with_the_rebuild_command(tmp_path):
+    cfg = micro_config()
+    ws = WarmstartConfig(images=40, held_out=8, epochs=1, batch_size=16, progress=False)
+    train_vision(ws, cfg.vision, WORLD32, tmp_path / "ws")
+    check_vision_init(tmp_path / "ws", WORLD32, cfg.vision)  # its own world and ViT: fine
+    bigger = WorldConfig(image_size=32, n_shapes=4, n_colours=4, object_scale=1.3)
+    with pytest.raises(ValueError, match=r"world\.object_scale: warm start 1\.0, this run 1\.3.*dvc unfreeze warmstart_vision"):
+        check_vision_init(tmp_path / "ws", bigger, cfg.vision)
 
 
 def test_warmstart_config_rejects_a_held_out_set_as_big_as_the_set():

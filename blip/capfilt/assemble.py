@@ -36,15 +36,25 @@ first), enough for its worst case (``max_shard_samples`` per tar), so shards are
 independently and in parallel; unused ids leave gaps in the numbering, which loaders ignore.
 
 Manifest columns: ``key``, ``status`` (loader verdict), ``human``/``web``/``synthetic``: "kept",
-"filter" (p < threshold), a skip reason, or null where the source does not apply; ``web_pass``,
-``syn_pass`` (p >= threshold, null if unscored); ``texts`` (pairs written); ``out_keys``.
+"filter" (p < threshold), "noise_label" (``score: oracle``, below), a skip reason, or null where
+the source does not apply; ``web_pass``, ``syn_pass`` (p >= threshold, null if unscored);
+``texts`` (pairs written); ``out_keys``.
+
+``score: oracle`` (``capfilt.filter_score``) is the ceiling cell's **evaluation instrument, not a
+filter**: the web texts are kept or dropped by the generator's hidden noise labels (read here, by
+:func:`_oracle_labels`, through ``blip.data.labels.noise_labels`` — the one use of the labels on a
+path that builds a dataset), the synthetic texts as the filter decides them (ITM p >= threshold).
+It bounds what a perfect web filter could buy in this world. Shards without labels (real
+img2dataset data) cannot have an oracle: the stage fails instead of keeping everything.
+``stats.json`` says so: ``score`` "oracle", ``web_decided_by``, ``synthetic_decided_by``.
 
 ``stats.json``: per source ``input = kept + dropped`` (asserted, with ``input`` counted from the
 input shards' metadata and ``kept`` from the written shards), ``dropped_by`` reason. Units: human
 = images (kept with all their captions); web and synthetic = texts (one per web image).
 ``noise_ratio`` (Table 2) = share of scored synthetic texts with p < threshold, i.e. that the
 filter drops (with ``score: itc``: below the ITC cut, reported as ``itc_cut``); ``web_drop_ratio`` = the same for web texts. Both describe the captioner/filter
-pair at the threshold and are reported in every parts setting (null when nothing was scored).
+pair at the threshold and are reported in every parts setting (null when nothing was scored; with
+``score: oracle`` the ITM filter's, which the oracle does not apply to web texts).
 """
 
 from __future__ import annotations
@@ -92,6 +102,9 @@ VERSION = 2  # 2: json 'caption_source' (was 'source')
 MANIFEST = "manifest"
 STATS = "stats.json"
 KEPT, FILTERED = "kept", "filter"
+NOISE_LABEL = "noise_label"  # score: oracle — a web text the hidden labels call noisy (not the filter's verdict)
+ORACLE_STATS = {"web_decided_by": "hidden noise labels (evaluation instrument)",
+                "synthetic_decided_by": "the filter (ITM p(match) >= threshold)"}
 UNREAD = "unread_after_damage"  # samples behind the damage in a truncated/corrupt input shard
 SOURCES = ("human", "web", "synthetic")
 
@@ -189,8 +202,12 @@ class AssembleWorker:
     def _web(self, task: ShardTask, out: _OutputShards) -> tuple[list[dict], str | None]:
         cfg = self.cfg
         scores = read_scores(task.params["scores"], cfg.use_captioner)
-        dec = decide(scores, self.cut, cfg.use_filter, cfg.use_captioner, cfg.score).to_pylist()
+        score = "itm" if cfg.score == "oracle" else cfg.score  # the oracle's synthetic texts: the ITM filter
+        dec = decide(scores, self.cut, cfg.use_filter, cfg.use_captioner, score).to_pylist()
         sc = scores.to_pylist()
+        clean = task.params.get("clean")  # score: oracle — key -> the hidden label says clean
+        if clean is not None:
+            dec = [_oracle_decision(d, r, clean, task.url) for d, r in zip(dec, sc)]
         rows, shard_error, i = [], None, 0
         for raw in iter_shard_samples(task.url):  # bytes only: the verdicts are in the score table
             if isinstance(raw, ShardEnd):
@@ -218,7 +235,7 @@ class AssembleWorker:
 
     def _web_sample(self, task: ShardTask, raw: RawSample, s: dict, d: dict, out: _OutputShards) -> dict:
         cfg, ok = self.cfg, d["status"] == OK
-        web = (KEPT if d["keep_web"] else FILTERED) if ok else d["status"]
+        web = (KEPT if d["keep_web"] else d.get("web_drop", FILTERED)) if ok else d["status"]
         syn = None
         if cfg.use_captioner and ok:
             syn = KEPT if d["keep_syn"] else (FILTERED if s["syn_text"] else "empty_caption")
@@ -243,6 +260,35 @@ EVAL_ONLY = ("noise",)  # the generator's hidden labels (blip.data.labels): neve
 OWN_FIELDS = ("key", "caption", "status", "captions", "image_id")  # what this stage writes itself
 
 
+def _oracle_decision(d: dict, s: dict, clean: dict[str, bool], url: str) -> dict:
+    """``score: oracle``: the web text kept exactly when the hidden label calls it clean; the
+    synthetic decision (the filter's) untouched."""
+    if d["status"] != OK or not s["web_text"]:
+        return d
+    if s["key"] not in clean:
+        raise ValueError(f"{url}: sample {s['key']} has no readable noise label, so the oracle cannot decide its web "
+                         "text; regenerate the data (the data stage)")
+    return {**d, "keep_web": clean[s["key"]], "web_drop": NOISE_LABEL}
+
+
+def _oracle_labels(web: list[str]) -> dict[str, dict[str, bool]]:
+    """``score: oracle``: per web shard, ``key -> clean`` from the generator's hidden noise labels.
+    The ceiling cell's evaluation instrument, and the only reader of the labels on a path that
+    builds a dataset (``tests/test_data_noise_isolation.py`` lists every caller). Raises
+    ``ValueError`` for shards without labels (real data): no labels, no oracle."""
+    from ..data.labels import noise_labels
+
+    out = {}
+    for url in web:
+        try:
+            labels = noise_labels(url, required=True)
+        except ValueError as e:
+            raise ValueError(f"capfilt.filter_score=oracle keeps the web texts the generator's hidden noise labels call "
+                             f"clean, but {e}. No labels, no oracle: use filter_score itm or itc on this data") from None
+        out[url] = {key: kind is None for key, kind in labels.items()}
+    return out
+
+
 def _row(key: str, status: str, human=None, web=None, synthetic=None, web_pass=None, syn_pass=None) -> dict:
     return {"key": key, "status": status, "human": human, "web": web, "synthetic": synthetic,
             "web_pass": web_pass, "syn_pass": syn_pass, "texts": 0, "out_keys": []}
@@ -261,8 +307,11 @@ def _check_out_dir(out_dir: str, inputs: list[str]) -> None:
                               "the tars of its output folder, so give it a new or empty folder")
 
 
-def _tasks(cfg: AssembleConfig, human: list[str], web: list[str], scores_dir: str) -> list[ShardTask]:
-    """One task per input shard, each owning a block of output shard ids sized for its worst case."""
+def _tasks(cfg: AssembleConfig, human: list[str], web: list[str], scores_dir: str,
+           clean: dict[str, dict[str, bool]] | None = None) -> list[ShardTask]:
+    """One task per input shard, each owning a block of output shard ids sized for its worst case.
+    ``clean`` (``score: oracle``): per web shard the hidden labels' verdicts, handed to its worker
+    (they come from the web shard, which is fingerprinted already)."""
     counts = count_shards(human + web)
     tasks, next_id = [], 0
     for role, urls in (("human", human), ("web", web)):
@@ -278,6 +327,8 @@ def _tasks(cfg: AssembleConfig, human: list[str], web: list[str], scores_dir: st
                     raise FileNotFoundError(f"no score table {scores} for {url}: run the filter stage on these shards first")
                 inputs["scores"] = content_hash([scores])
                 params["scores"] = scores
+                if clean is not None:
+                    params["clean"] = clean[url]
             tasks.append(ShardTask(url, f"{role}-{result_name(url)}", n, inputs, params))
             next_id += n_ids
     if next_id > 100_000:
@@ -335,7 +386,7 @@ def _stats(cfg: AssembleConfig, tasks: list[ShardTask], records: list[dict], out
         "human": sum(t.expected_rows for t in tasks if t.params["role"] == "human"),
         "web": sum(t.expected_rows for t in tasks if t.params["role"] == "web"),
         # one synthetic caption per usable web image (a web decision of kept or filter)
-        "synthetic": decisions["web"][KEPT] + decisions["web"][FILTERED] if cfg.use_captioner else 0,
+        "synthetic": sum(decisions["web"][d] for d in (KEPT, FILTERED, NOISE_LABEL)) if cfg.use_captioner else 0,
     }
     sources = {}
     for s in SOURCES:
@@ -375,7 +426,8 @@ def assemble(cfg: AssembleConfig, human_shards, web_shards, scores_dir, out_dir,
     web = resolve_shards(web_shards)
     out_dir, scores_dir = str(out_dir), str(scores_dir)
     _check_out_dir(out_dir, human + web)
-    tasks = _tasks(cfg, human, web, scores_dir)
+    oracle = cfg.score == "oracle" and cfg.use_filter
+    tasks = _tasks(cfg, human, web, scores_dir, _oracle_labels(web) if oracle else None)
     os.makedirs(out_dir, exist_ok=True)
     stats_path = os.path.join(out_dir, STATS)
     if os.path.exists(stats_path):
@@ -395,6 +447,8 @@ def assemble(cfg: AssembleConfig, human_shards, web_shards, scores_dir, out_dir,
     records = _prune(out_dir, tasks)
     stats, tars = _stats(cfg, tasks, records, out_dir)
     stats["score"] = cfg.score
+    if oracle:
+        stats.update(ORACLE_STATS)
     if cfg.score == "itc":
         stats["itc_cut"] = {**cut, "cut": cut["cut"] if math.isfinite(cut["cut"]) else None}
     write_sizes(out_dir, {t: _read_json(os.path.join(out_dir, t[:-4] + "_stats.json"))["count"] for t in tars})

@@ -18,7 +18,9 @@ PARTS = {  # Table 1 names -> (use_filter, use_captioner)
     "both": (True, True),
 }
 DEFAULT_THRESHOLD = 0.5
-FILTER_SCORES = ("itm", "itc")  # what the filter thresholds: ITM p(match) (BLIP) | ITC cosine (DataComp)
+# what decides the kept texts: ITM p(match) (BLIP) | ITC cosine (DataComp) | oracle: the hidden noise labels decide
+# the web texts, ITM the synthetic ones (the ceiling cell's evaluation instrument, not a filter)
+FILTER_SCORES = ("itm", "itc", "oracle")
 
 
 def parts_name(use_filter: bool, use_captioner: bool) -> str:
@@ -130,13 +132,15 @@ class FilterConfig:
 class AssembleConfig:
     """The ``assemble`` section of ``params.yaml``: the CapFilt parts (Table 1) and the threshold.
     ``score``: what the filter thresholds — ``itm`` (BLIP) or ``itc`` (the DataComp baseline: the
-    lowest ITC cosines, as many texts as ITM drops at ``threshold``; ``selection.itc_cut``).
+    lowest ITC cosines, as many texts as ITM drops at ``threshold``; ``selection.itc_cut``), or
+    ``oracle`` (an evaluation instrument, not a filter: the generator's hidden noise labels decide
+    the web texts, ITM the synthetic ones; generated data only — ``assemble._oracle_labels``).
     ``use_filter``: drop texts with ITM p(match) < ``threshold``; ``use_captioner``: add the
     synthetic captions. ``max_shard_samples``: samples per output tar (<= 10000, 4-digit index).
     ``web_metadata``: keep the web samples' own metadata (img2dataset's ``url``, sizes, ...)."""
 
     threshold: float = DEFAULT_THRESHOLD
-    score: str = "itm"  # itm: p(match) >= threshold | itc: cosine, dropping as many as ITM does at threshold
+    score: str = "itm"  # itm: p(match) >= threshold | itc: cosine, dropping as many as ITM does | oracle: labels
     use_filter: bool = True
     use_captioner: bool = True
     max_shard_samples: int = MAX_SHARD_SIZE

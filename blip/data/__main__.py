@@ -57,7 +57,8 @@ def _cmd_generate(a) -> int:
             seed=a.seed, web=a.web, human=a.human, val=a.val, test=a.test, zeroshot=a.zeroshot,
             captions_per_image=a.captions_per_image, noise_rate=a.noise_rate, noise_mix=mix,
             shard_size=a.shard_size, jpeg_quality=a.jpeg_quality,
-            world=WorldConfig(image_size=a.image_size, n_shapes=a.n_shapes, n_colours=a.n_colours),
+            world=WorldConfig(image_size=a.image_size, n_shapes=a.n_shapes, n_colours=a.n_colours,
+                              object_scale=a.object_scale),
         )
         manifest = generate(cfg, a.out, splits=splits, processes=a.processes, progress=not a.quiet)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, default=wd.image_size, help="pixels (default: %(default)s)")
     g.add_argument("--n-shapes", type=int, default=wd.n_shapes, help="shapes in play, 1..8 (default: %(default)s)")
     g.add_argument("--n-colours", type=int, default=wd.n_colours, help="colours in play, 2..12 (default: %(default)s)")
+    g.add_argument("--object-scale", type=float, default=wd.object_scale,
+                   help="multiplies every object's radius, 0.5..1.5 (default: %(default)s)")
     g.add_argument("--shard-size", type=int, default=gd.shard_size, help="samples per shard (default: %(default)s)")
     g.add_argument("--jpeg-quality", type=int, default=gd.jpeg_quality)
     g.add_argument("--processes", type=int, default=None, help="worker processes (default: all cores)")

@@ -110,9 +110,15 @@ def _draw_object(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: fl
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def _group_centres(group: Group, anchor: tuple[float, float], vertical: bool, rng) -> list[tuple[float, float, float]]:
-    """(x, y, radius) per object, in fractions: a row (or column) centred on the anchor."""
-    r = SIZE_RADIUS[group.size] * rng.uniform(0.9, 1.1)
+def _group_centres(group: Group, anchor: tuple[float, float], vertical: bool, rng,
+                   scale: float = 1.0) -> list[tuple[float, float, float]]:
+    """(x, y, radius) per object, in fractions: a row (or column) centred on the anchor.
+
+    A row that would not fit the frame (three objects at a large ``object_scale``) shrinks its
+    objects until it does, so objects of one group never overlap; at scale 1 every row fits."""
+    r = SIZE_RADIUS[group.size] * scale * rng.uniform(0.9, 1.1)
+    n = max(group.count, 2)  # two large objects must fit side by side too (two groups, or a pair)
+    r = min(r, (0.98 - 0.04 * (n - 1)) / (2 * n))
     step = 2 * r + 0.04
     ax = anchor[0] + rng.uniform(-0.04, 0.04)
     ay = anchor[1] + rng.uniform(-0.04, 0.04)
@@ -122,28 +128,59 @@ def _group_centres(group: Group, anchor: tuple[float, float], vertical: bool, rn
         x, y = (ax, ay + off) if vertical else (ax + off, ay)
         x += rng.uniform(-0.015, 0.015)
         y += rng.uniform(-0.015, 0.015)
-        # keep the whole object inside the frame
-        out.append((min(max(x, r + 0.01), 0.99 - r), min(max(y, r + 0.01), 0.99 - r), r))
-    return out
+        out.append((x, y, r))
+    return _inside(out)
 
 
-def layout_objects(scene: Scene, rng: np.random.Generator) -> list[tuple[Group, float, float, float]]:
-    """Place every object: returns (group, x, y, radius) in fractions of the image side."""
+def _inside(cs: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
+    """Keep every object inside the frame: a row that sticks out moves as a whole (so its objects
+    keep their gaps); a single coordinate is clamped only where the row cannot move."""
+    out = list(cs)
+    for axis in (0, 1):
+        lo = min(c[axis] - c[2] for c in out) - 0.01
+        hi = max(c[axis] + c[2] for c in out) - 0.99
+        d = -lo if lo < 0 else -hi if hi > 0 else 0.0
+        if d:
+            out = [tuple(v + d if i == axis else v for i, v in enumerate(c)) for c in out]
+    return [(min(max(x, r + 0.01), 0.99 - r), min(max(y, r + 0.01), 0.99 - r), r) for x, y, r in out]
+
+
+def layout_objects(scene: Scene, rng: np.random.Generator,
+                   scale: float = 1.0) -> list[tuple[Group, float, float, float]]:
+    """Place every object: returns (group, x, y, radius) in fractions of the image side;
+    ``scale``: the world's ``object_scale``."""
     placed = []
     if len(scene.groups) == 1:
         g = scene.groups[0]
         # left/right groups stack vertically, everything else lines up horizontally
         vertical = scene.layout in ("left", "right")
-        placed += [(g, *c) for c in _group_centres(g, _ANCHORS[scene.layout], vertical, rng)]
+        placed += [(g, *c) for c in _group_centres(g, _ANCHORS[scene.layout], vertical, rng, scale)]
     else:
         a, b = scene.groups
         if scene.layout == "left_of":
             anchors, vertical = ((0.27, 0.5), (0.73, 0.5)), True
         else:
             anchors, vertical = ((0.5, 0.27), (0.5, 0.73)), False
-        placed += [(a, *c) for c in _group_centres(a, anchors[0], vertical, rng)]
-        placed += [(b, *c) for c in _group_centres(b, anchors[1], vertical, rng)]
+        ca = _group_centres(a, anchors[0], vertical, rng, scale)
+        cb = _group_centres(b, anchors[1], vertical, rng, scale)
+        ca, cb = _apart(ca, cb, axis=0 if scene.layout == "left_of" else 1)
+        placed += [(a, *c) for c in ca] + [(b, *c) for c in cb]
     return placed
+
+
+def _apart(ca: list, cb: list, axis: int, gap: float = 0.02) -> tuple[list, list]:
+    """Move group a (before, along ``axis``) and group b (after) apart until ``gap`` separates
+    them: large objects at a large ``object_scale`` would otherwise overlap (never at scale 1)."""
+    a_end = max(c[axis] + c[2] for c in ca)
+    b_start = min(c[axis] - c[2] for c in cb)
+    shift = (a_end + gap - b_start) / 2
+    if shift <= 0:
+        return ca, cb
+
+    def moved(cs, d):
+        return _inside([tuple(v + d if i == axis else v for i, v in enumerate(c)) for c in cs])
+
+    return moved(ca, -shift), moved(cb, shift)
 
 
 def render(scene: Scene, rng: np.random.Generator, cfg: WorldConfig) -> Image.Image:
@@ -154,7 +191,7 @@ def render(scene: Scene, rng: np.random.Generator, cfg: WorldConfig) -> Image.Im
     bg = (c1 * (1 - mask) + c2 * mask).astype(np.uint8)
     img = Image.fromarray(bg, "RGB")
     d = ImageDraw.Draw(img)
-    for group, x, y, r in layout_objects(scene, rng):
+    for group, x, y, r in layout_objects(scene, rng, cfg.object_scale):
         # small per-object colour jitter: same name, not the same pixel value
         colour = tuple(int(v) for v in np.clip(np.array(ALL_COLOURS[group.colour]) + rng.integers(-12, 13, 3), 0, 255))
         _draw_object(d, group.shape, x * n, y * n, r * n, colour)

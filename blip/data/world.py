@@ -47,13 +47,16 @@ class WorldConfig:
 
     ``n_shapes`` (<= 8) and ``n_colours`` (<= 12) choose how many of the shapes and colours are in
     play, and with them the caption vocabulary; ``supersample`` renders at that multiple and
-    downsamples for anti-aliased edges.
+    downsamples for anti-aliased edges; ``object_scale`` multiplies every object's radius
+    (``SIZE_RADIUS``: 1.0 draws a small object 9 px across at 64 px, under one 8-px patch and a
+    half; scenes stay inside the frame up to 1.5).
     """
 
     image_size: int = 64
     n_shapes: int = 8
     n_colours: int = 10
     supersample: int = 2
+    object_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_shapes <= len(ALL_SHAPES):
@@ -62,6 +65,8 @@ class WorldConfig:
             raise ValueError(f"n_colours={self.n_colours}: must be in 2..{len(ALL_COLOURS)}")
         if self.image_size < 16:
             raise ValueError(f"image_size={self.image_size}: objects need at least 16 px")
+        if not 0.5 <= self.object_scale <= 1.5:
+            raise ValueError(f"object_scale={self.object_scale}: must be in 0.5..1.5 (larger scenes leave the frame)")
 
     @property
     def shapes(self) -> tuple[str, ...]:

@@ -4,7 +4,9 @@ filter quality against the generated noise labels, and the side-by-side report t
 Modules (import from them by name; this package imports nothing, so the filter metrics and the
 report table need neither torch nor Java)::
 
-    retrieval       itm_eval, retrieval_scores, evaluate_retrieval(model, tokenizer, shards, k=256, ...)
+    retrieval       itm_eval, itm_ranks, retrieval_scores, evaluate_retrieval(model, tokenizer, shards, k=256, ...),
+                    evaluate_retrieval_ranks (the same + per-query ranks)
+    intervals       recalls(txt_ranks, img_ranks), paired_bootstrap, pooled (over seeds), detectable_effect
     captioning      caption_metrics(gts, res, meteor="auto"), evaluate_captioning(...), load_gts, java_available
     filter_quality  filter_metrics(itm, labels, itc=None, threshold=0.5), evaluate_filter(scores, web_shards), roc_auc
     report          metrics_table({"baseline": m0, "CapFilt": m1}) -> markdown, flatten

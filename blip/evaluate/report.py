@@ -98,6 +98,25 @@ def headline(runs: Mapping[str, Mapping], base: str = "baseline", new: str = "ca
     return lead + metrics_table(bare, rows=rows, delta=True)  # notes about skipped metrics go to the details
 
 
+INTERVAL_KEYS = ("difference", "metric", "files")  # the non-split entries of the report's ``intervals``
+
+
+def intervals_text(iv: Mapping) -> str:
+    """One line per split of the report's ``intervals`` (``stages.evaluate._intervals``): the
+    difference with its paired bootstrap interval over the test images, and the smallest effect the
+    protocol can detect there (the interval's half-width, ``intervals.detectable_effect``)."""
+    lines = []
+    for split, r in iv.items():
+        if split in INTERVAL_KEYS:
+            continue
+        lines.append(f"- **{split}**: {iv.get('difference', 'a − b')} {iv.get('metric', 'r_mean')} = "
+                     f"**{r['diff']:+.2f}** [{r['lo']:+.2f}, {r['hi']:+.2f}] ({100 * r['level']:.0f}% paired "
+                     f"bootstrap over {r['n_images']} {split} images, {r['n_boot']} draws); smallest detectable "
+                     f"effect ±{r['detectable_effect']:.2f}")
+    return ("Paired bootstrap intervals (both models on the same resampled images; one seed: training "
+            "seed-to-seed spread is not in them):\n\n" + "\n".join(lines) + "\n")
+
+
 def filter_by_kind(fq: Mapping) -> str:
     """The filter against the hidden noise labels, per noise kind: what ITM dropped, and the ITC
     cosine filter (DataComp's CLIP score) dropping as many texts."""
@@ -125,9 +144,14 @@ def dataset_table(ds: Mapping) -> str:
         why = ", ".join(f"{k} {n}" for k, n in (v.get("dropped_by") or {}).items()) or "–"
         lines.append(f"| {source} | {units.get(source, '')} | {v.get('input')} | {v.get('kept')} | {v.get('dropped')} "
                      f"| {why} |")
-    extra = [f"noise ratio of the synthetic captions (Table 2): {_cell(ds.get('noise_ratio'), 3)}",
-             f"web texts the filter rejects: {_cell(ds.get('web_drop_ratio'), 3)}"
-             + ("" if ds.get("use_filter", True) else " (not dropped: the filter is off in this run)"),
-             f"pairs for re-pre-training: {_cell((ds.get('texts') or {}).get('total'), 0)} texts on "
-             f"{_cell(ds.get('images'), 0)} images in {_cell(ds.get('shards'), 0)} shards"]
+    extra = [] if not ds.get("web_decided_by") else [  # score: oracle (capfilt/assemble.py)
+        f"**oracle: an evaluation instrument, not a filter.** Web texts decided by {ds['web_decided_by']}; "
+        f"synthetic texts by {ds.get('synthetic_decided_by', 'the filter')}. It bounds what a perfect web filter "
+        "could buy in this world."]
+    extra += [f"noise ratio of the synthetic captions (Table 2): {_cell(ds.get('noise_ratio'), 3)}",
+              f"web texts the filter rejects: {_cell(ds.get('web_drop_ratio'), 3)}"
+              + (" (not dropped: the filter is off in this run)" if not ds.get("use_filter", True) else
+                 " (not applied to web texts: the oracle's labels decide them)" if ds.get("web_decided_by") else ""),
+              f"pairs for re-pre-training: {_cell((ds.get('texts') or {}).get('total'), 0)} texts on "
+              f"{_cell(ds.get('images'), 0)} images in {_cell(ds.get('shards'), 0)} shards"]
     return "\n".join(lines) + "\n\n" + "".join(f"- {e}\n" for e in extra)

@@ -12,7 +12,9 @@
 
 Model inference (:func:`retrieval_scores`) and the metric (:func:`itm_eval`, numpy only) are
 separate, so the metric can be checked against a brute-force reference and reused on any score
-matrices.
+matrices. :func:`itm_ranks` keeps the per-query ranks the metric is made of, and
+:func:`evaluate_retrieval_ranks` returns them with the image ids, for the paired bootstrap
+intervals of ``blip.evaluate.intervals``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..model.scoring import (
     itm_scores,
     text_embeddings,
 )
+from .intervals import recalls
 
 _log = logging.getLogger("blip.evaluate")
 
@@ -52,25 +55,17 @@ def _best_ranks(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     return np.where(positive.any(axis=1), ranks, scores.shape[1])
 
 
-def _recalls(ranks: np.ndarray) -> tuple[float, float, float]:
-    return tuple(float(100.0 * np.mean(ranks < r)) for r in (1, 5, 10))
-
-
-def itm_eval(
+def itm_ranks(
     score_i2t: np.ndarray,
     score_t2i: np.ndarray,
     txt2img: Sequence[int] | np.ndarray | Mapping[int, int],
     img2txt: Sequence[Sequence[int]] | Mapping[int, Sequence[int]],
     chunk: int = 1024,
-) -> dict[str, float]:
-    """BLIP's ``itm_eval``: recall at 1/5/10 in percent, both directions.
-
-    ``score_i2t`` ``(N_img, N_txt)``, ``score_t2i`` ``(N_txt, N_img)``; ``txt2img[t]``: the image
-    of text ``t``; ``img2txt[i]``: the texts of image ``i`` (lists, or dicts as BLIP's datasets
-    hold them). Image→text ranks use ``img2txt``, text→image ranks use ``txt2img``, as BLIP.
-    Returns ``txt_r1, txt_r5, txt_r10, txt_r_mean,
-    img_r1, img_r5, img_r10, img_r_mean, r_mean``. Ties: see :func:`_best_ranks`.
-    """
+) -> dict[str, np.ndarray]:
+    """The per-query 0-based best ranks ``itm_eval`` scores: ``txt_ranks`` ``(N_img,)`` (per image,
+    the rank of its best-scored text), ``img_ranks`` ``(N_txt,)`` (per text, the rank of its image)
+    and ``txt2img`` ``(N_txt,)`` as an int64 array. Arguments as :func:`itm_eval`; the bootstrap
+    intervals (``blip.evaluate.intervals``) resample these."""
     score_i2t, score_t2i = np.asarray(score_i2t), np.asarray(score_t2i)
     n_img, n_txt = score_i2t.shape
     if isinstance(txt2img, Mapping):  # BLIP's dataset attributes are dicts keyed 0..N-1
@@ -95,14 +90,29 @@ def itm_eval(
         pos = np.zeros(rows.shape, dtype=bool)
         pos[np.arange(rows.shape[0]), txt2img[s : s + chunk]] = True
         img_ranks.append(_best_ranks(rows, pos))
-    tr1, tr5, tr10 = _recalls(np.concatenate(txt_ranks))
-    ir1, ir5, ir10 = _recalls(np.concatenate(img_ranks))
-    tr_mean, ir_mean = (tr1 + tr5 + tr10) / 3, (ir1 + ir5 + ir10) / 3
-    return {
-        "txt_r1": tr1, "txt_r5": tr5, "txt_r10": tr10, "txt_r_mean": tr_mean,
-        "img_r1": ir1, "img_r5": ir5, "img_r10": ir10, "img_r_mean": ir_mean,
-        "r_mean": (tr_mean + ir_mean) / 2,
-    }
+    empty = np.zeros(0, dtype=np.int64)
+    return {"txt_ranks": np.concatenate(txt_ranks) if txt_ranks else empty,
+            "img_ranks": np.concatenate(img_ranks) if img_ranks else empty, "txt2img": txt2img}
+
+
+def itm_eval(
+    score_i2t: np.ndarray,
+    score_t2i: np.ndarray,
+    txt2img: Sequence[int] | np.ndarray | Mapping[int, int],
+    img2txt: Sequence[Sequence[int]] | Mapping[int, Sequence[int]],
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """BLIP's ``itm_eval``: recall at 1/5/10 in percent, both directions.
+
+    ``score_i2t`` ``(N_img, N_txt)``, ``score_t2i`` ``(N_txt, N_img)``; ``txt2img[t]``: the image
+    of text ``t``; ``img2txt[i]``: the texts of image ``i`` (lists, or dicts as BLIP's datasets
+    hold them). Image→text ranks use ``img2txt``, text→image ranks use ``txt2img``, as BLIP.
+    Returns ``txt_r1, txt_r5, txt_r10, txt_r_mean,
+    img_r1, img_r5, img_r10, img_r_mean, r_mean``. Ties: see :func:`_best_ranks`; the ranks
+    themselves: :func:`itm_ranks`.
+    """
+    r = itm_ranks(score_i2t, score_t2i, txt2img, img2txt, chunk)
+    return recalls(r["txt_ranks"], r["img_ranks"])
 
 
 def _rerank(
@@ -143,8 +153,22 @@ def _rerank(
         out[q] = out[q].scatter(1, topk_idx, logit.view(len(q), k) + topk_sim)
 
 
-@torch.no_grad()
 def retrieval_scores(
+    model,
+    tokenizer,
+    shards,
+    k: int = K_COCO,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    **kwargs,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+    """``(score_i2t, score_t2i, txt2img, img2txt)`` for every image and caption of ``shards``
+    (:func:`scored_queries` without the image ids)."""
+    return scored_queries(model, tokenizer, shards, k, batch_size, device, **kwargs)[:4]
+
+
+@torch.no_grad()
+def scored_queries(
     model,
     tokenizer,
     shards,
@@ -156,8 +180,10 @@ def retrieval_scores(
     max_words: int = 30,
     itm_batch_size: int = 128,
     queries_per_step: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
-    """``(score_i2t, score_t2i, txt2img, img2txt)`` for every image and caption of ``shards``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray], list[int]]:
+    """``(score_i2t, score_t2i, txt2img, img2txt, image_ids)`` for every image and caption of
+    ``shards``; ``image_ids[i]``: the loader's ``image_id`` of image row ``i`` (the COCO id of the
+    eval splits), so two models' ranks can be checked to be over the same queries.
 
     ``model``: anything with ITC and ITM towers (``BlipRetrieval``, ``BlipPretrain``).
     Images are read once, in shard order, at the model's image size (eval transform); texts are
@@ -175,8 +201,9 @@ def retrieval_scores(
     try:
         loader = make_loader(shards, batch_size=batch_size, image_size=model.cfg.vision.image_size, train=False,
                              max_words=max_words, num_workers=num_workers, rank=0, world_size=1)
-        embeds, img_feats, texts, txt2img, img2txt = [], [], [], [], []
+        embeds, img_feats, texts, txt2img, img2txt, image_ids = [], [], [], [], [], []
         for batch in loader:
+            image_ids += batch["image_id"].tolist()
             e, f = image_embeddings(model, batch["image"].to(device), batch_size)
             embeds.append(e.cpu())  # ViT tokens stay on the host, as BLIP
             img_feats.append(f)
@@ -211,7 +238,8 @@ def retrieval_scores(
             torch.distributed.all_reduce(score_t2i)
     finally:
         model.train(was_training)
-    return score_i2t.cpu().numpy(), score_t2i.cpu().numpy(), np.asarray(txt2img, dtype=np.int64), img2txt
+    return (score_i2t.cpu().numpy(), score_t2i.cpu().numpy(), np.asarray(txt2img, dtype=np.int64), img2txt,
+            image_ids)
 
 
 def evaluate_retrieval(
@@ -229,7 +257,26 @@ def evaluate_retrieval(
     Use it for the fine-tuned split (COCO role, k 256) and the zero-shot split (Flickr role,
     k 128) alike; zero-shot just means a model not fine-tuned on that split's distribution.
     """
-    score_i2t, score_t2i, txt2img, img2txt = retrieval_scores(model, tokenizer, shards, k, batch_size, device, **kwargs)
-    metrics: dict[str, float | int] = dict(itm_eval(score_i2t, score_t2i, txt2img, img2txt))
+    return evaluate_retrieval_ranks(model, tokenizer, shards, k, batch_size, device, **kwargs)[0]
+
+
+def evaluate_retrieval_ranks(
+    model,
+    tokenizer,
+    shards,
+    k: int = K_COCO,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    **kwargs,
+) -> tuple[dict[str, float | int], dict[str, list]]:
+    """``(metrics, ranks)``: :func:`evaluate_retrieval`'s metrics, and the per-query ranks they
+    come from as JSON-ready lists — ``txt_ranks`` (per image), ``img_ranks`` (per text),
+    ``txt2img`` (the image row of each text) and ``image_ids`` (per image row), the input of
+    ``blip.evaluate.intervals``."""
+    score_i2t, score_t2i, txt2img, img2txt, image_ids = scored_queries(model, tokenizer, shards, k, batch_size,
+                                                                       device, **kwargs)
+    r = itm_ranks(score_i2t, score_t2i, txt2img, img2txt)
+    metrics: dict[str, float | int] = dict(recalls(r["txt_ranks"], r["img_ranks"]))
     metrics.update(n_images=score_i2t.shape[0], n_texts=score_i2t.shape[1], k=k)
-    return metrics
+    ranks = {name: [int(v) for v in r[name]] for name in ("txt_ranks", "img_ranks", "txt2img")}
+    return metrics, {**ranks, "image_ids": [int(v) for v in image_ids]}

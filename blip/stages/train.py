@@ -18,7 +18,7 @@ def warmstart_vision(stage, params: Params, tracker: Tracker, *, out: str, metri
     held = summary["held_out"]
     if metrics:
         write_json(metrics, {k: summary[k] for k in ("steps", "final_bce", "images_per_s", "train_seconds", "bf16")}
-                   | {"held_out": held})
+                   | {"held_out": held} | {k: summary[k] for k in ("held_out_curve",) if k in summary})
     print("warm start held-out AUC: " + ", ".join(f"{k.split('/')[0]} {v:.3f}" for k, v in held.items()
                                                   if k.endswith("/auc")))
     return {"steps": summary["steps"], "held_out": held}
@@ -64,8 +64,12 @@ def train(stage, params: Params, tracker: Tracker, *, shards: list[str], out: st
             raise StageError(f"{stage.name}: pass --tokenizer DIR to train from scratch, or --init MODEL_DIR")
         tok = BlipTokenizer.load(tokenizer)
         model_cfg = params.model.config(tok.special_ids)
-        if vision_init is not None and skipped(vision_init):
-            vision_init = None  # warm start disabled: from random weights
+        if vision_init is not None and (skipped(vision_init) or not params.warmstart_vision.enabled):
+            vision_init = None  # warm start disabled: from random weights (the frozen stage keeps its files)
+        if vision_init is not None:
+            from ..train.warmstart import check_vision_init
+
+            check_vision_init(vision_init, params.generate.world, model_cfg.vision)
         if text_init is not None and skipped(text_init):
             text_init = None
     elif skipped(init):

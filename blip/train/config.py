@@ -143,9 +143,11 @@ class TextWarmstartConfig(_WarmStart):
 @dataclass(frozen=True)
 class WarmstartConfig(_WarmStart):
     """``warmstart_vision:`` in params.yaml: the ViT's supervised warm start (``warmstart.py``);
-    ``images``: the labelled images."""
+    ``images``: the labelled images; ``eval_every``: measure the held-out AUCs every that many
+    steps too (0: at the end only), a learning curve in the metrics file and MLflow."""
 
     images: int = 6000
+    eval_every: int = 0
 
     def size(self) -> tuple[str, int]:
         return "images", self.images

@@ -123,11 +123,12 @@ def held_out_metrics(vit, head, images, labels, names, device, batch_size: int =
 
 
 def warm_start_loop(desc: str, metric: str, cfg, opt: torch.optim.Optimizer, n_train: int, loss_of,
-                    tracker) -> dict[str, Any]:
+                    tracker, on_step=None) -> dict[str, Any]:
     """The warm starts' training loop (vision and text): ``cfg.epochs`` passes over random batches
     of the ``n_train`` training indices (the partial last batch dropped), linear warm-up over
     ``cfg.warmup_steps`` then cosine decay of ``cfg.lr``. ``loss_of(indices, generator)`` returns the
     batch's loss (the generator: the run's, for any randomness of the batch such as MLM masking).
+    ``on_step(step)``, when given, runs after every optimiser step (held-out curves).
     Returns ``steps``, ``first`` and ``final`` (EMA) loss, ``seconds``."""
     steps_per_epoch = n_train // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
@@ -154,6 +155,8 @@ def warm_start_loop(desc: str, metric: str, cfg, opt: torch.optim.Optimizer, n_t
             loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
             if step % 10 == 0 or step == total:
                 tracker.log_metrics({f"train/{metric}": value, "train/lr": lr}, step=step)
+            if on_step is not None:
+                on_step(step)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({metric: f"{loss_ema:.4f}"})
@@ -196,7 +199,15 @@ def train_vision(cfg: WarmstartConfig, vision: VisionConfig, world: WorldConfig,
         per_label = F.binary_cross_entropy_with_logits(logits.float(), labels[idx].to(device), reduction="none")
         return (per_label.mean(0) * weights).sum()  # every label group weighs the same
 
-    run = warm_start_loop("warmstart_vision", "bce", cfg, opt, n_train, loss_of, tracker)
+    curve: list[dict[str, float]] = []
+
+    def measure(step: int) -> None:
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            m = held_out_metrics(vit, head, images[n_train:], labels[n_train:], names, device)
+            curve.append({"step": step, **{k: v for k, v in m.items() if k.endswith("/auc")}})
+            tracker.log_metrics({f"held_out/{k}": v for k, v in m.items()}, step=step)
+
+    run = warm_start_loop("warmstart_vision", "bce", cfg, opt, n_train, loss_of, tracker, on_step=measure)
     step, first, loss_ema, train_s = run["steps"], run["first"], run["final"], run["seconds"]
     metrics = held_out_metrics(vit, head, images[n_train:], labels[n_train:], names, device)
     summary = {"format": FORMAT, "vision": asdict(vision), "world": asdict(world), "warmstart": asdict(cfg),
@@ -204,7 +215,7 @@ def train_vision(cfg: WarmstartConfig, vision: VisionConfig, world: WorldConfig,
                "final_bce": round(loss_ema or float("nan"), 5),
                "images_per_s": round(step * cfg.batch_size / train_s, 1) if train_s else None,
                "generate_seconds": round(gen_s, 2), "train_seconds": round(train_s, 2), "bf16": bf16,
-               "held_out": metrics}
+               "held_out": metrics, **({"held_out_curve": curve} if curve else {})}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}, str(out / WEIGHTS),
@@ -216,8 +227,32 @@ def train_vision(cfg: WarmstartConfig, vision: VisionConfig, world: WorldConfig,
 
 def card(summary: dict) -> dict:
     """What a warm start's folder records: its summary less the wall-clock numbers (those go to
-    the metrics file), so the same inputs give the same bytes and DVC the same hash."""
-    return {k: v for k, v in summary.items() if not k.endswith(("_seconds", "_per_s"))}
+    the metrics file) and the progress-bar switch (it changes no weight), so the same inputs give
+    the same bytes and DVC the same hash."""
+    out = {k: v for k, v in summary.items() if not k.endswith(("_seconds", "_per_s"))}
+    for key in ("warmstart",):
+        if isinstance(out.get(key), dict):
+            out[key] = {k: v for k, v in out[key].items() if k != "progress"}
+    return out
+
+
+REBUILD = "dvc unfreeze warmstart_vision && dvc repro warmstart_vision && dvc freeze warmstart_vision"
+
+
+def check_vision_init(directory: str | Path, world: WorldConfig, vision: VisionConfig) -> None:
+    """Refuse a warm start made for another world or ViT: the stage is frozen (its committed
+    weights are reused whatever the params say), so a run that changes ``generate.world`` or
+    ``model.vision`` must rebuild it first. Raises ``ValueError`` naming the differing keys."""
+    card_path = Path(directory) / CARD
+    if not card_path.is_file():
+        return  # load_vision_init names the missing file
+    card = json.loads(card_path.read_text())
+    want = {"world": asdict(world), "vision": asdict(vision)}
+    diff = [f"{part}.{k}: warm start {card.get(part, {}).get(k)!r}, this run {v!r}"
+            for part, d in want.items() for k, v in d.items() if card.get(part, {}).get(k, v) != v]
+    if diff:
+        raise ValueError(f"{card_path}: the warm-start ViT was trained for another world or model ("
+                         + "; ".join(diff) + f"). Rebuild it for this run's params: {REBUILD}")
 
 
 def load_vision_init(model, directory: str | Path) -> dict[str, Any]:
@@ -230,8 +265,9 @@ def load_vision_init(model, directory: str | Path) -> dict[str, Any]:
     card_path, weights = directory / CARD, directory / WEIGHTS
     for p in (card_path, weights):
         if not p.is_file():
-            raise FileNotFoundError(f"{p}: no vision warm start here; run the warmstart_vision stage "
-                                    "(`dvc repro warmstart_vision`) or set model.vision_init: null")
+            raise FileNotFoundError(f"{p}: no vision warm start here; the warmstart_vision stage's weights are "
+                                    f"committed to git (git checkout -- {directory}) or rebuilt by: {REBUILD}; "
+                                    "or set warmstart_vision.enabled: false")
     card = json.loads(card_path.read_text())
     state = load_file(str(weights))
     try:
@@ -240,5 +276,5 @@ def load_vision_init(model, directory: str | Path) -> dict[str, Any]:
                 load_weights(getattr(model, name), state, strict=True)
     except (KeyError, ValueError) as e:
         raise ValueError(f"{weights}: the warm-start ViT does not fit this model ({e}); "
-                         "re-run warmstart_vision after changing model.preset or model.vision") from e
+                         f"re-run warmstart_vision after changing model.preset or model.vision: {REBUILD}") from e
     return card
