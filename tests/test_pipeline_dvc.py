@@ -18,7 +18,8 @@ from pipeline_repo import make_repo, run
 
 pytestmark = pytest.mark.pipeline
 
-ALL_STAGES = {"data", "warmstart_vision", "tokenizer", "warmstart_text", "pretrain", "finetune_captioner", "finetune_filter",
+# warmstart_vision is frozen: its committed weights are verified, never retrained (test_warmstart_committed)
+ALL_STAGES = {"data", "tokenizer", "warmstart_text", "pretrain", "finetune_captioner", "finetune_filter",
               "finetune_shared", "caption", "filter", "assemble", "filter_quality", "repretrain",
               "downstream_captioner", "downstream_retrieval", "evaluate@baseline", "evaluate@capfilt", "report"}
 # what may depend on capfilt.decoding: the synthetic captions and everything built from them
@@ -45,6 +46,7 @@ def test_dvc_repro_loop_then_nothing_then_only_what_a_factor_touches_then_killed
 
     first = dvc(repo, "repro")
     assert ran_stages(first.stdout) == ALL_STAGES
+    assert "Verifying outputs in frozen stage: 'warmstart_vision'" in first.stdout + first.stderr
     reference = kill_anywhere.reference(repo)
     for out in ["models/captioner/model.safetensors", "models/filter/model.safetensors",
                 "models/repretrain/model.safetensors", "models/shared/SKIPPED.json", "report.md",

@@ -84,7 +84,7 @@ def test_a_fresh_checkout_verifies_the_frozen_warm_start_instead_of_training_it(
     run(["git", "init", "-q", "-b", "main"], repo)
     run([sys.executable, "-m", "dvc", "init", "-q"], repo)
     p = run([sys.executable, "-m", "dvc", "repro", "--single-item", STAGE], repo)
-    assert "Running stage" not in p.stdout and f"frozen stage '{STAGE}'" in p.stdout + p.stderr
+    assert "Running stage" not in p.stdout and f"Verifying outputs in frozen stage: '{STAGE}'" in p.stdout + p.stderr
     status = json.loads(run([sys.executable, "-m", "dvc", "status", STAGE, "--json"], repo).stdout)
     assert status == {}
     assert _lock_out("models/warmstart_vision") == next(
