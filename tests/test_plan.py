@@ -51,16 +51,17 @@ def test_nucleus_captions_cost_one_sequence_and_beams_three():
 
 
 def test_the_embedded_plan_counts_the_steps_the_trainer_runs():
-    """Steps per epoch = ceil(pairs / batch) (the loader keeps the last batch): 564 pre-training
-    steps on 3000 web + 600x5 human pairs at 32 — what the default run logs."""
+    """Steps per epoch = ceil(pairs / batch) (the loader keeps the last batch): 580 pre-training
+    steps on 8000 web + 250x5 human pairs at 32, 200 fine-tuning steps (5 epochs of 1250 human
+    pairs) — what the default run logs (metrics/train/*.json)."""
     params = P.load(ROOT / "params.yaml")
     rows, n = plan(params)
     steps = {r.stage: r.steps for r in rows}
     g = params.generate
     pairs = g.web + g.human * g.captions_per_image
     assert n["web"].pairs == g.web and n["human"].pairs == g.human * g.captions_per_image
-    assert steps["pretrain"] == params.pretrain.epochs * math.ceil(pairs / params.pretrain.batch_size) == 564
-    assert steps["finetune_filter"] == steps["downstream_retrieval"] == 2 * math.ceil(3000 / 32)
+    assert steps["pretrain"] == params.pretrain.epochs * math.ceil(pairs / params.pretrain.batch_size) == 580
+    assert steps["finetune_filter"] == steps["downstream_retrieval"] == 5 * math.ceil(1250 / 32) == 200
     assert "warmstart_text" not in steps  # switched off in params.yaml: nothing to price
     assert all(r.flops > 0 for r in rows)
 

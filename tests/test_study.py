@@ -39,9 +39,13 @@ def test_cells_set_every_factor_and_every_seed():
 
 def test_the_ceiling_cells_are_the_oracle_and_the_clean_world():
     cells = {c.name: c for c in cells_for(["ceiling"])}
-    assert set(cells) == {"oracle", "clean", "baseline", "none", "both"}  # and what they are compared with
-    oracle = cell_sets(cells["oracle"], 1, baseline_steps=None)
+    # and what they are compared with, the CapFilt cells at the baseline's steps among them
+    assert set(cells) == {"oracle", "clean", "baseline", "none", "none-steps", "both", "equal-steps"}
+    with pytest.raises(RuntimeError, match="pre-training steps"):
+        cell_sets(cells["oracle"], 1, baseline_steps=None)
+    oracle = cell_sets(cells["oracle"], 1, baseline_steps=580)
     assert oracle["capfilt.filter_score"] == "oracle" and oracle["capfilt.parts"] == "both"
+    assert oracle["repretrain.max_steps"] == 580 == cell_sets(cells["none-steps"], 1, 580)["repretrain.max_steps"]
     assert cells["oracle"].measure == "capfilt"
     clean = cell_sets(cells["clean"], 1, baseline_steps=None)
     assert clean["generate.noise_rate"] == 0 and cells["clean"].measure == "baseline"
@@ -171,18 +175,18 @@ def test_the_ceiling_table_reports_the_share_of_the_oracle_gain_capfilt_reaches(
     rows = []
     for seed, (base, both, oracle) in enumerate([(40.0, 42.0, 48.0), (41.0, 42.0, 45.0)]):
         rows += [{"cell": "baseline", "seed": seed, "metrics": {"test/r_mean": base, "zeroshot/r_mean": base}},
-                 {"cell": "both", "seed": seed, "metrics": {"test/r_mean": both}},
+                 {"cell": "equal-steps", "seed": seed, "metrics": {"test/r_mean": both}},
                  {"cell": "oracle", "seed": seed, "metrics": {"test/r_mean": oracle, "zeroshot/r_mean": oracle + 1}},
                  {"cell": "clean", "seed": seed, "metrics": {"test/r_mean": oracle + 2}}]
     s = summarize(rows, ["ceiling"])
     share = s["oracle_share"]
-    assert [x["metric"] for x in share] == ["test/r_mean"]  # zero-shot: no "both" numbers
+    assert [x["metric"] for x in share] == ["test/r_mean"]  # zero-shot: no "equal-steps" numbers
     assert share[0]["share"] == pytest.approx(1.5 / 6.0) and share[0]["seeds"] == [0, 1]
     by = {(c["better"], c["worse"], c["metric"]): c for c in s["comparisons"]}
     assert by[("oracle", "baseline", "test/r_mean")]["diffs"] == [8.0, 4.0]
     assert by[("clean", "baseline", "test/r_mean")]["diffs"] == [10.0, 6.0]
-    assert by[("oracle", "both", "test/r_mean")]["diffs"] == [6.0, 3.0]
-    assert by[("oracle", "none", "test/r_mean")]["verdict"] == "not run"
+    assert by[("oracle", "equal-steps", "test/r_mean")]["diffs"] == [6.0, 3.0]
+    assert by[("oracle", "none-steps", "test/r_mean")]["verdict"] == "not run"
     assert "oracle_share" not in summarize(rows, ["1"])
 
 
