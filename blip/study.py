@@ -412,7 +412,8 @@ def write_markdown(summary: dict, rows: list[dict], out: Path, size: str, charts
     for share in summary.get("oracle_share") or []:
         pct = "–" if share["share"] is None else f"{100 * share['share']:.0f}%"
         lines.append(f"\nCapFilt reaches **{pct}** of the oracle's gain on {share['metric']} (seeds "
-                     f"{', '.join(map(str, share['seeds']))}): (both − baseline) / (oracle − baseline), each the "
+                     f"{', '.join(map(str, share['seeds']))}): ({ORACLE_SHARE[0]} − {ORACLE_SHARE[2]}) / "
+                     f"({ORACLE_SHARE[1]} − {ORACLE_SHARE[2]}), both re-pre-trained for the baseline's steps, each the "
                      f"mean over seeds: {share['capfilt_gain']:+.2f} / {share['oracle_gain']:+.2f}.")
     lines += ["", *[f"![{Path(p).stem}]({Path(p).name})" for p in charts], ""]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -84,9 +84,13 @@ def test_a_fresh_checkout_verifies_the_frozen_warm_start_instead_of_training_it(
     run(["git", "init", "-q", "-b", "main"], repo)
     run([sys.executable, "-m", "dvc", "init", "-q"], repo)
     p = run([sys.executable, "-m", "dvc", "repro", "--single-item", STAGE], repo)
-    assert "Running stage" not in p.stdout and f"Verifying outputs in frozen stage: '{STAGE}'" in p.stdout + p.stderr
-    status = json.loads(run([sys.executable, "-m", "dvc", "status", STAGE, "--json"], repo).stdout)
-    assert status == {}
+    # dvc.lock's md5 matches the files: up to date (a checkout without the lock entry would say
+    # "Verifying outputs in frozen stage" — test_pipeline_dvc); either way the command never runs
+    assert "Running stage" not in p.stdout and f"Stage '{STAGE}' didn't change, skipping" in p.stdout
+    assert "is frozen" in p.stderr
+    assert json.loads(run([sys.executable, "-m", "dvc", "status", STAGE, "--json"], repo).stdout) == {}
+    (repo / "models" / "warmstart_vision" / CARD).write_text("{}")  # damaged files are not silently accepted
+    assert STAGE in json.loads(run([sys.executable, "-m", "dvc", "status", STAGE, "--json"], repo).stdout)
     assert _lock_out("models/warmstart_vision") == next(
         o for o in yaml.safe_load((repo / "dvc.lock").read_text())["stages"][STAGE]["outs"]
         if o["path"] == "models/warmstart_vision")
