@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_dir
 from .model.blip import MODEL_CLASSES, BlipBase
 from .model.config import BlipConfig
 from .model.vit import interpolate_pos_embed
@@ -41,32 +40,18 @@ def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_model(
     model: BlipBase, directory: str | Path, tokenizer=None, metadata: dict[str, Any] | None = None
 ) -> Path:
-    """Write ``model`` (and ``tokenizer``) to ``directory`` atomically (temp dir + rename)."""
+    """Write ``model`` (and ``tokenizer``) to ``directory`` atomically (``blip.atomic.atomic_dir``:
+    a crash leaves either the old or the new checkpoint)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     meta = {"format": FORMAT, "arch": type(model).__name__, "config": model.cfg.to_dict(), **(metadata or {})}
-    (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    # one metadata key: safetensors writes its metadata map in a per-process random order, so two
-    # keys would make the same weights different bytes (and DVC hashes) from run to run
-    save_file(state_dict_for_save(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save(tmp / "tokenizer")
-    if directory.exists():  # swap in, so a crash leaves either the old or the new checkpoint
-        old = directory.with_name(f".{directory.name}.old")
-        _rmtree(old)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        _rmtree(old)
-    else:
-        os.replace(tmp, directory)
+    with atomic_dir(directory) as tmp:
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        # one metadata key: safetensors writes its metadata map in a per-process random order, so two
+        # keys would make the same weights different bytes (and DVC hashes) from run to run
+        save_file(state_dict_for_save(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer")
     return directory
-
-
-def _rmtree(p: Path) -> None:
-    import shutil
-
-    shutil.rmtree(p, ignore_errors=True)
 
 
 def read_config(directory: str | Path) -> tuple[str, BlipConfig]:

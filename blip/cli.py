@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .plan import add_arguments
 
     add_arguments(pl)
+    cb = sub.add_parser("calibrate", help="choose the filter threshold from labelled texts (calibrate sample: "
+                                          "label a sample of the generated world)")
+    from .calibrate import add_arguments as add_calibrate_arguments
+
+    add_calibrate_arguments(cb)
     dm = sub.add_parser("demo", help="generate a small world, pre-train the tiny model, print captions")
     dm.add_argument("--out", default="out/demo")
     dm.add_argument("--steps", type=int, default=300)
@@ -104,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             from .plan import main as plan_main
 
             return plan_main(a)
+        if a.stage == "calibrate":
+            from .calibrate import main as calibrate_main
+
+            return calibrate_main(a)
         stage = STAGES[a.stage]
         p = params_module.load(a.params, a.overrides)
         if stage.trains and "LOCAL_RANK" not in os.environ and (n := _nproc(p)) > 1:
@@ -113,5 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, StageError, FileNotFoundError, ValueError) as e:
         parser.exit(2, f"python -m blip {a.stage}: error: {e}\n")
     if stage.name != "report":  # the report prints itself
-        print(json.dumps(result, default=str))
+        # one key a line: a stage's summary on one line would be the longest line of a dvc repro log
+        print(json.dumps(result, default=str, indent=1))
     return 0

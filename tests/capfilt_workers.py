@@ -8,7 +8,7 @@ import os
 import pyarrow as pa
 
 from blip.capfilt.reader import SampleStream
-from blip.capfilt.shardwork import ShardResult
+from blip.capfilt.records import ShardResult
 
 
 class ByteCounter:

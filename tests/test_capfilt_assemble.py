@@ -205,7 +205,7 @@ def test_guards_and_config(world, tmp_path):
         t = pq.read_table(no_syn / n)
         t = t.set_column(t.column_names.index("syn_text"), "syn_text", pa.nulls(t.num_rows, pa.string()))
         pq.write_table(t.replace_schema_metadata({}), no_syn / n)
-    with pytest.raises(RuntimeError, match="no synthetic-caption scores"):
+    with pytest.raises(ValueError, match="no synthetic-caption scores"):
         assemble(AssembleConfig(**QUIET), world.human, world.web, no_syn, tmp_path / "boot2")
     assert build(AssembleConfig, {"use_captioner": False}, "assemble").parts == "filter"
     with pytest.raises(ParamsError, match="threshold"):

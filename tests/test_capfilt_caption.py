@@ -22,7 +22,7 @@ from fixtures_capfilt import (  # noqa: F401
 from blip.capfilt.caption import caption_shards
 from blip.capfilt.config import CaptionConfig
 from blip.capfilt.models import resolve_device
-from blip.capfilt.shardwork import read_record
+from blip.capfilt.records import read_record
 from blip.checkpoint import save_model
 from blip.data.loader import make_loader
 from blip.params import ParamsError, build

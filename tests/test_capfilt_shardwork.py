@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from functools import partial
 
 import pyarrow.parquet as pq
@@ -19,9 +21,10 @@ from fixtures_capfilt import (  # noqa: F401
     write_members,
 )
 
-from blip.capfilt import shardwork
+from blip.capfilt import records
 from blip.capfilt.fingerprint import file_fingerprint
-from blip.capfilt.shardwork import read_record, result_name, run_shards, shard_tasks
+from blip.capfilt.records import read_record
+from blip.capfilt.shardwork import result_name, run_shards, shard_tasks
 from blip.data.shards import resolve_shards
 
 
@@ -100,14 +103,16 @@ def test_crash_while_writing_leaves_no_partial_file(web, tmp_path, monkeypatch):
         if len(calls) == 2:
             raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr(shardwork.pq, "write_table", write_then_die)
+    monkeypatch.setattr(records.pq, "write_table", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(web, out)
     monkeypatch.undo()
     assert ".tmp-" in os.path.basename(calls[1]) and os.path.dirname(calls[1]) == str(out)
     assert sorted(os.listdir(out)) == ["00000.parquet"]
     # a temporary left by a SIGKILL-ed run, and a result cut in half by a dying disk
-    (out / "00001.parquet.tmp-999-1").write_bytes(b"PAR1 half a table")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    (out / f"00001.parquet.tmp-{int(dead.stdout)}-1").write_bytes(b"PAR1 half a table")
     data = (out / "00000.parquet").read_bytes()
     (out / "00000.parquet").write_bytes(data[: len(data) // 2])
     resumed = run(web, out)

@@ -63,30 +63,44 @@ KNOWN_CALLERS = {
     ("blip/evaluate/gallery.py", "capfilt_gallery"),  # the report's picture of kept/dropped texts
     ("blip/data/contact_sheet.py", "contact_sheet"),  # red frames on the noisy pairs
     ("blip/capfilt/assemble.py", "_oracle_labels"),  # capfilt.filter_score: oracle (the ceiling cell) only
+    ("blip/evaluate/calibration_sample.py", "labelled_sample"),  # stands in for a person labelling (calibrate sample)
     ("bench/probe_recipe.py", "val_metrics"),  # a bench script: the filter per noise kind
 }
 SCANNED = ("blip", "bench", "flows", "byod", "scripts")  # everything but the tests
 
 
-def _callers(root: pathlib.Path) -> tuple[set[tuple[str, str]], set[str]]:
-    """(module, enclosing function) of every ``noise_labels(...)`` call, and the modules importing it."""
+# The same for the other hidden truth, each web image's scene: the caption checker regenerates it
+# (``caption_check.scene_of_web``) to check synthetic captions, and only the filter_quality stage
+# asks for that check. Both calls are listed; a new caller of either fails here.
+KNOWN_SCENE_CALLERS = {
+    ("blip/evaluate/caption_check.py", "check_synthetic"),  # scene_of_web: the synthetic captions' truth
+    ("blip/stages/capfilt.py", "_synthetic_check"),  # check_synthetic: the filter_quality stage's synthetic_check
+    ("bench/itm_negatives_table.py", "row"),  # check_synthetic: a bench script's table (--check)
+}
+SCENE_READERS = ("scene_of_web", "check_synthetic")
+
+
+def _callers(root: pathlib.Path, names=("noise_labels",),
+             definer: str | None = "blip/data/labels.py") -> tuple[set[tuple[str, str]], set[str]]:
+    """(module, enclosing function) of every call of a function in ``names``, and the modules
+    importing one (``definer``, where they are defined, left out)."""
     import ast
 
     calls, imports = set(), set()
     for folder in SCANNED:
         for path in (root / folder).rglob("*.py"):
             rel = path.relative_to(root).as_posix()
-            if rel == "blip/data/labels.py":
+            if rel == definer:
                 continue
             tree = ast.parse(path.read_text(encoding="utf-8"))
             for node in ast.walk(tree):
-                if isinstance(node, ast.ImportFrom) and any(a.name == "noise_labels" for a in node.names):
+                if isinstance(node, ast.ImportFrom) and any(a.name in names for a in node.names):
                     imports.add(rel)
                 for child in ast.iter_child_nodes(node):
                     child.parent = node  # type: ignore[attr-defined]
             for node in ast.walk(tree):
                 name = getattr(node, "func", None)
-                if isinstance(node, ast.Call) and getattr(name, "id", getattr(name, "attr", None)) == "noise_labels":
+                if isinstance(node, ast.Call) and getattr(name, "id", getattr(name, "attr", None)) in names:
                     fn = node
                     while fn is not None and not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                         fn = getattr(fn, "parent", None)
@@ -109,3 +123,15 @@ def test_every_caller_of_the_noise_label_reader_is_a_known_evaluation_instrument
     src = (root / "blip/capfilt/assemble.py").read_text(encoding="utf-8")
     assert src.count("_oracle_labels(") == 2 and '_oracle_labels(web) if oracle else None' in src
     assert 'oracle = cfg.score == "oracle" and cfg.use_filter' in src
+
+
+def test_every_reader_of_the_web_scenes_is_a_known_evaluation_instrument(tmp_path):
+    (tmp_path / "blip").mkdir()
+    (tmp_path / "blip" / "filter.py").write_text("from .evaluate.caption_check import scene_of_web\n\n"
+                                                 "def keep(key, cfg):\n    return scene_of_web(key, cfg)\n")
+    assert _callers(tmp_path, SCENE_READERS, definer=None) == ({("blip/filter.py", "keep")}, {"blip/filter.py"})
+    calls, imports = _callers(BLIP.parent, SCENE_READERS, definer=None)
+    new, gone = sorted(calls - KNOWN_SCENE_CALLERS), sorted(KNOWN_SCENE_CALLERS - calls)
+    assert calls == KNOWN_SCENE_CALLERS, ("a new caller of the web scenes (caption_check.scene_of_web or check_synthetic: "
+                                          f"hidden truth, never for training or filtering): {new}; gone: {gone}")
+    assert imports <= {m for m, _ in KNOWN_SCENE_CALLERS}  # nobody imports them to hand them on

@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from blip.capfilt.reader import DUPLICATE_KEY, ShardReader
-from blip.capfilt.shardwork import OK
+from blip.capfilt.records import OK
 from blip.data.generator import GenerateConfig, generate
 from blip.data.loader import make_loader
 from blip.data.tario import (

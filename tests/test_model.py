@@ -13,6 +13,7 @@ from blip.convert import from_official, load_official_file
 from blip.model import losses
 from blip.model.blip import BlipCaptioner, BlipPretrain, BlipRetrieval
 from blip.model.config import (
+    ITM_NEGATIVES,
     SHARING_STRATEGIES,
     BlipConfig,
     GenerationConfig,
@@ -206,6 +207,92 @@ def test_hard_negatives_never_pick_a_positive():
     w = losses.hard_negative_weights(sim, torch.eye(3, dtype=torch.bool))
     draws = torch.stack([losses.sample_hard_negatives(w, g) for _ in range(400)])[:, 0]
     assert (draws == 2).float().mean() > 0.8
+
+
+def _known_neighbours() -> tuple[torch.Tensor, torch.Tensor]:
+    """6 pairs; row b's own pair has similarity 2. Its nearest other candidate (b+1) sits ABOVE it
+    at 3 (a text that also describes the image: the false negative), the next (b+2) just below
+    at 1.5, the other three far at -2."""
+    n = 6
+    sim = torch.full((n, n), -2.0)
+    rows = torch.arange(n)
+    sim[rows, rows] = 2.0
+    sim[rows, (rows + 1) % n] = 3.0
+    sim[rows, (rows + 2) % n] = 1.5
+    return sim, torch.eye(n, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("kind", ITM_NEGATIVES)
+def test_each_itm_negatives_choice_draws_the_negatives_it_should(kind):
+    sim, positive = _known_neighbours()
+    rows = torch.arange(6)
+    w = losses.itm_negative_weights(sim, positive, sim.diagonal(), kind)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([losses.sample_hard_negatives(w, g) for _ in range(2000)])  # (2000, 6)
+    share = {d: (draws == (rows + d) % 6).float().mean().item() for d in range(6)}  # d = 0: the positive
+    assert share[0] == 0.0  # never the pair itself
+    if kind == "hard":  # BLIP: in proportion to softmax(sim) -> the false negative most of the time
+        expected = torch.softmax(sim[0], 0)[1] / (1 - torch.softmax(sim[0], 0)[0])
+        assert share[1] == pytest.approx(expected.item(), abs=0.03) and share[1] > 0.6
+    elif kind == "uniform":  # every other pair alike
+        assert all(share[d] == pytest.approx(0.2, abs=0.03) for d in range(1, 6))
+    else:  # below_positive: never the candidate above the positive; the nearest below it most often
+        assert share[1] == 0.0
+        assert share[2] > 0.85 and sum(share[d] for d in (3, 4, 5)) == pytest.approx(1 - share[2], abs=1e-6)
+
+
+def test_below_positive_falls_back_to_another_pair_when_nothing_is_below():
+    sim, positive = _known_neighbours()
+    sim.fill_diagonal_(-5.0)  # every candidate above the positive: no admissible negative
+    w = losses.itm_negative_weights(sim, positive, sim.diagonal(), "below_positive")
+    assert (w == 0).all()
+    draws = losses.sample_hard_negatives(w, torch.Generator().manual_seed(0))
+    assert not (draws == torch.arange(6)).any()
+    with pytest.raises(ValueError, match="itm_negatives='nearest' unknown"):
+        losses.itm_negative_weights(sim, positive, sim.diagonal(), "nearest")
+
+
+@pytest.mark.parametrize("kind", ITM_NEGATIVES)
+def test_models_draw_itm_negatives_by_their_setting(kind):
+    """The models' forward uses ``itm_negatives``: weights from the model equal the loss module's
+    for the same similarities (the own pair on the diagonal, or at this rank's offset), and a
+    training step runs with every choice."""
+    torch.manual_seed(0)
+    cfg = micro_config()
+    sim, positive = _known_neighbours()
+    for model in (BlipPretrain(cfg), BlipRetrieval(cfg)):
+        model.itm_negatives = kind
+        expected = losses.itm_negative_weights(sim, positive, sim.diagonal(), kind)
+        assert torch.equal(model.negative_weights(sim, positive), expected)
+        wide = torch.cat([torch.full((6, 6), -9.0), sim], 1)  # rank 1 of 2: own columns 6..11
+        wide_pos = torch.cat([torch.zeros_like(positive), positive], 1)
+        assert torch.equal(model.negative_weights(wide, wide_pos, own=slice(6, 12)),
+                           losses.itm_negative_weights(wide, wide_pos, sim.diagonal(), kind))
+        ids, mask = text_inputs(4, 8)
+        image = torch.randn(4, 3, cfg.vision.image_size, cfg.vision.image_size)
+        extra = {"idx": torch.tensor([0, 1, 2, 3])} if isinstance(model, BlipRetrieval) else {}
+        out = model(image, ids, mask, **extra)
+        assert torch.isfinite(out["itm"]) and out["itm"].requires_grad
+
+
+def test_training_sections_set_the_models_itm_negatives(tmp_path):
+    from helpers_model import micro_preset
+
+    from blip.tokenizer import build_tokenizer
+    from blip.train.config import TrainConfig
+    from blip.train.jobs import build_model
+
+    with pytest.raises(ValueError, match="itm_negatives='soft' unknown"):
+        TrainConfig(itm_negatives="soft")
+    assert TrainConfig().itm_negatives == "hard"  # BLIP's, unless params.yaml says otherwise
+    torch.manual_seed(0)
+    tok = build_tokenizer(["a red circle on the left", "two blue squares above a star"], vocab_size=64)
+    model, _ = build_model(TrainConfig(job="pretrain", itm_negatives="below_positive"), None, micro_preset(tok), tok)
+    assert isinstance(model, BlipPretrain) and model.itm_negatives == "below_positive"
+    save_model(model, tmp_path / "pre")
+    for job, cls in (("finetune_filter", BlipRetrieval), ("finetune_shared", BlipPretrain)):
+        model, _ = build_model(TrainConfig(job=job, itm_negatives="uniform"), tmp_path / "pre", None, tok)
+        assert isinstance(model, cls) and model.itm_negatives == "uniform"
 
 
 def test_hard_negatives_fall_back_when_a_row_has_no_negative():

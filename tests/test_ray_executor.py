@@ -22,7 +22,8 @@ from blip.capfilt.config import AssembleConfig, CaptionConfig, FilterConfig  # n
 from blip.capfilt.filter import score_shards  # noqa: E402
 from blip.capfilt.fingerprint import file_fingerprint  # noqa: E402
 from blip.capfilt.ray_executor import RayOptions  # noqa: E402
-from blip.capfilt.shardwork import read_record, result_name, run_shards, shard_tasks  # noqa: E402
+from blip.capfilt.records import read_record  # noqa: E402
+from blip.capfilt.shardwork import result_name, run_shards, shard_tasks  # noqa: E402
 from blip.data.shards import resolve_shards  # noqa: E402
 from blip.params import ComputeParams  # noqa: E402
 

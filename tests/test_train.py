@@ -220,3 +220,31 @@ def test_cli_relaunches_itself_under_torchrun_with_two_gloo_processes(world, tmp
     assert m["world_size"] == 2 and m["steps"] == 16  # max_steps
     assert m["steps_per_epoch"] == 640 // 16  # each rank 8 pairs per step, equal epoch length
     assert load_model(tmp_path / "ddp").load_report["missing"] == []
+
+
+def test_vision_lr_scale_slows_only_the_vit():
+    """``vision_lr_scale``: the ViT's groups get lr x scale from ``set_lr``; every other parameter
+    the schedule's lr; weight decay split as before; the default keeps the two plain groups."""
+    from blip.train.optim import param_groups, set_lr
+
+    torch.manual_seed(0)
+    model = BlipPretrain(micro_config())
+    plain = param_groups(model, 0.05)
+    assert [g["lr_scale"] for g in plain] == [1.0, 1.0] and [g["weight_decay"] for g in plain] == [0.05, 0.0]
+    groups = param_groups(model, 0.05, vision_lr_scale=0.3)
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    set_lr(opt, 1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = 0
+    for g in opt.param_groups:
+        for p in g["params"]:
+            seen += 1
+            vit = names[id(p)].startswith("visual_encoder.")
+            assert g["lr"] == pytest.approx(3e-4 if vit else 1e-3), names[id(p)]
+    assert seen == sum(len(g["params"]) for g in plain)  # nothing lost or duplicated
+    # one step moves a ViT weight by ~lr x scale (Adam's first step is lr * sign(grad))
+    w = model.visual_encoder.patch_embed.proj.weight
+    before = w.detach().clone()
+    w.grad = torch.ones_like(w)
+    opt.step()
+    assert (before - w.detach()).abs().max().item() == pytest.approx(3e-4, rel=0.05)

@@ -36,9 +36,20 @@ first), enough for its worst case (``max_shard_samples`` per tar), so shards are
 independently and in parallel; unused ids leave gaps in the numbering, which loaders ignore.
 
 Manifest columns: ``key``, ``status`` (loader verdict), ``human``/``web``/``synthetic``: "kept",
-"filter" (p < threshold), "noise_label" (``score: oracle``, below), a skip reason, or null where
-the source does not apply; ``web_pass``, ``syn_pass`` (p >= threshold, null if unscored);
-``texts`` (pairs written); ``out_keys``.
+"filter" (below the rule's pass mark or cut), "rank" (outranked: ``top_k``, ``replace``),
+"noise_label" (``score: oracle``, below), "duplicate_image"/"duplicate_url" (``dedup``), a skip
+reason, or null where the source does not apply (``synthetic``: "kept" when any candidate is);
+``synthetic_texts``: one verdict per drawn candidate (those, plus "empty_caption" and "same_text"
+for drawn candidates that were empty or repeated an earlier one); ``web_pass``, ``syn_pass``
+(candidate 0), ``syn_pass_each`` (score >= the pass mark, null if unscored); ``texts`` (pairs
+written); ``out_keys``; ``duplicate_of`` (the kept copy, ``shard/key``).
+
+The rule (``assemble.rule``, ``selection``): ``threshold`` (BLIP), ``top_k`` (BLIP-2),
+``fraction`` (DataComp; its cut computed over every shard's table before any shard is assembled)
+or ``replace``; each kept candidate is one more sample of the image (json ``candidate``: its index
+among the image's distinct candidates). ``dedup``: before assembling, every input image is hashed
+(or its url read; ``dedup.find_duplicates``), in shard order, and later copies of an image already
+seen are dropped with all their texts.
 
 ``score: oracle`` (``capfilt.filter_score``) is the ceiling cell's **evaluation instrument, not a
 filter**: the web texts are kept or dropped by the generator's hidden noise labels (read here, by
@@ -50,9 +61,12 @@ img2dataset data) cannot have an oracle: the stage fails instead of keeping ever
 
 ``stats.json``: per source ``input = kept + dropped`` (asserted, with ``input`` counted from the
 input shards' metadata and ``kept`` from the written shards), ``dropped_by`` reason. Units: human
-= images (kept with all their captions); web and synthetic = texts (one per web image).
-``noise_ratio`` (Table 2) = share of scored synthetic texts with p < threshold, i.e. that the
-filter drops (with ``score: itc``: below the ITC cut, reported as ``itc_cut``); ``web_drop_ratio`` = the same for web texts. Both describe the captioner/filter
+= images (kept with all their captions); web = texts (one per web image); synthetic = texts
+(``candidates`` drawn per usable web image). Also ``rule`` (its name and numbers; ``fraction``:
+``cut``, ``n_texts``, ``n_keep``, ``n_at_or_above``), ``dedup`` (mode, counts, the largest groups)
+and ``repeated_texts`` (web texts shared by 3 or more images: placeholders, boilerplate).
+``noise_ratio`` (Table 2) = share of scored synthetic texts (each distinct candidate) with
+p < threshold, i.e. that the threshold rule drops (with ``score: itc``: below the ITC cut, reported as ``itc_cut``); ``web_drop_ratio`` = the same for web texts. Both describe the captioner/filter
 pair at the threshold and are reported in every parts setting (null when nothing was scored; with
 ``score: oracle`` the ITM filter's, which the oracle does not apply to web texts).
 """
@@ -71,6 +85,7 @@ from functools import partial
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..atomic import remove_stale_tmp, write_bytes_atomic
 from ..data.decode import IMAGE_EXTS
 from ..data.shards import (
     count_shards,
@@ -84,21 +99,15 @@ from ..data.shards import (
 from ..data.tario import RawSample, ShardEnd, iter_shard_samples
 from .config import AssembleConfig
 from .fingerprint import config_hash, content_hash, file_fingerprint
-from .reader import OK, SampleStream
-from .selection import decide, itc_cut, read_scores
-from .shardwork import (
-    ShardResult,
-    ShardTask,
-    read_record,
-    result_name,
-    run_shards,
-    write_bytes_atomic,
-)
+from .reader import SampleStream
+from .records import OK, ShardResult, ShardTask, read_record, read_scores
+from .selection import Rule, decide, fraction_cut, image_texts, itc_cut
+from .shardwork import result_name, run_shards
 
 _log = logging.getLogger("blip.capfilt")
 
 STAGE = "assemble"
-VERSION = 2  # 2: json 'caption_source' (was 'source')
+VERSION = 3  # 2: json 'caption_source' (was 'source'); 3: rules, candidates, dedup (manifest synthetic_texts)
 MANIFEST = "manifest"
 STATS = "stats.json"
 KEPT, FILTERED = "kept", "filter"
@@ -113,7 +122,12 @@ MANIFEST_SCHEMA = pa.schema([
     ("human", pa.string()), ("web", pa.string()), ("synthetic", pa.string()),
     ("web_pass", pa.bool_()), ("syn_pass", pa.bool_()),
     ("texts", pa.int32()), ("out_keys", pa.list_(pa.string())),
+    ("synthetic_texts", pa.list_(pa.string())),  # one verdict per drawn candidate (null: no captioner or unusable)
+    ("syn_pass_each", pa.list_(pa.bool_())),  # each distinct candidate: score >= the pass mark
+    ("duplicate_of", pa.string()),  # dedup: the kept copy ("web/00000.tar/000000012")
 ])
+REPEATED_MIN_IMAGES = 3  # stats.json repeated_texts: web texts on at least this many images
+SAME_TEXT = "same_text"  # a candidate repeating an earlier candidate of the same image
 
 
 def _shard_label(url: str) -> str:
@@ -159,8 +173,8 @@ class _OutputShards:
         for j in range(self.n_ids):
             sid = self.first_id + j
             base = os.path.join(self.out_dir, f"{sid:05d}")
-            for stale in glob.glob(glob.escape(base) + ".tar.tmp.*") + glob.glob(glob.escape(base) + "_stats.json.tmp.*"):
-                os.remove(stale)
+            for p in (base + ".tar", base + "_stats.json"):
+                remove_stale_tmp(p)
             if j < len(self.members):
                 extra = {"sources": dict(self.counts[j]), "source_texts": dict(self.texts[j])}
                 tar = write_shard(self.out_dir, sid, self.members[j], sum(self.counts[j].values()),
@@ -174,8 +188,8 @@ class _OutputShards:
 
 
 class AssembleWorker:
-    def __init__(self, cfg: AssembleConfig, out_dir: str, cut: float):
-        self.cfg, self.out_dir, self.cut = cfg, out_dir, cut  # cut: the pass mark of cfg.score
+    def __init__(self, cfg: AssembleConfig, out_dir: str, rule: Rule):
+        self.cfg, self.out_dir, self.rule = cfg, out_dir, rule  # rule: with its cuts computed over all shards
 
     def __call__(self, task: ShardTask) -> ShardResult:
         p = task.params
@@ -186,10 +200,13 @@ class AssembleWorker:
 
     def _human(self, task: ShardTask, out: _OutputShards) -> tuple[list[dict], str | None]:
         stream = SampleStream(task.url)
+        dup = task.params.get("duplicates", {})
         rows = []
         for v in stream:
             row = _row(v.key, v.status, human=KEPT if v.status == OK else v.status)
-            if v.status == OK:
+            if v.status == OK and v.key in dup:
+                row["human"], row["duplicate_of"] = self._dup_reason(), dup[v.key]
+            elif v.status == OK:
                 ext, image = v.image_member()
                 caps = v.sample.captions
                 meta = {"captions": caps, "caption_source": "human", "itm": None, "itm_logit": None, "itc": None,
@@ -202,8 +219,7 @@ class AssembleWorker:
     def _web(self, task: ShardTask, out: _OutputShards) -> tuple[list[dict], str | None]:
         cfg = self.cfg
         scores = read_scores(task.params["scores"], cfg.use_captioner)
-        score = "itm" if cfg.score == "oracle" else cfg.score  # the oracle's synthetic texts: the ITM filter
-        dec = decide(scores, self.cut, cfg.use_filter, cfg.use_captioner, score).to_pylist()
+        dec = decide(scores, use_filter=cfg.use_filter, use_captioner=cfg.use_captioner, rule=self.rule).to_pylist()
         sc = scores.to_pylist()
         clean = task.params.get("clean")  # score: oracle — key -> the hidden label says clean
         if clean is not None:
@@ -233,24 +249,37 @@ class AssembleWorker:
         return {k: v for k, v in meta.items() if k not in EVAL_ONLY and k not in OWN_FIELDS} \
             if isinstance(meta, dict) else {}
 
+    def _dup_reason(self) -> str:
+        return f"duplicate_{self.cfg.dedup}"
+
     def _web_sample(self, task: ShardTask, raw: RawSample, s: dict, d: dict, out: _OutputShards) -> dict:
         cfg, ok = self.cfg, d["status"] == OK
-        web = (KEPT if d["keep_web"] else d.get("web_drop", FILTERED)) if ok else d["status"]
-        syn = None
-        if cfg.use_captioner and ok:
-            syn = KEPT if d["keep_syn"] else (FILTERED if s["syn_text"] else "empty_caption")
-        row = _row(s["key"], d["status"], web=web, synthetic=syn, web_pass=d["web_pass"], syn_pass=d["syn_pass"])
+        web = (KEPT if d["keep_web"] else (d.get("web_drop") or FILTERED)) if ok else d["status"]
+        verdicts = _candidate_verdicts(s, d) if cfg.use_captioner and ok else None
+        row = _row(s["key"], d["status"], web=web, web_pass=d["web_pass"], syn_pass=d["syn_pass"])
+        original = task.params.get("duplicates", {}).get(raw.key)
+        if ok and original is not None:  # a later copy of an image already in the set: nothing of it is kept
+            row["web"], row["duplicate_of"] = self._dup_reason(), original
+            verdicts = None if verdicts is None else [self._dup_reason()] * len(verdicts)
+            d = {**d, "keep_web": False, "keep_syn": False, "cand_keep": [False] * len(d["cand_keep"])}
+        if verdicts is not None:
+            row["synthetic_texts"], row["syn_pass_each"] = verdicts, d["cand_pass"]
+            row["synthetic"] = KEPT if KEPT in verdicts else verdicts[0]
         if d["keep_web"] or d["keep_syn"]:
             ext = next(e for e in IMAGE_EXTS if e in raw.fields)
+            web_text, cands = image_texts(s)
+            several = s.get("syn_candidates") is not None
+            texts = [("web", web_text, None)] if d["keep_web"] else []
+            texts += [("synthetic", c, j) for j, (c, k) in enumerate(zip(cands, d["cand_keep"])) if k]
             image_id = None
-            for which, source in (("web", "web"), ("syn", "synthetic")):
-                if not d[f"keep_{which}"]:
-                    continue
-                meta = {**self._web_meta(raw), "caption_source": source, "itm": s[f"itm_{which}"], "itm_logit": s[f"itm_logit_{which}"],
-                        "itc": s[f"itc_{which}"], "orig_key": raw.key, "orig_shard": _shard_label(task.url),
+            for source, t, j in texts:
+                meta = {**self._web_meta(raw), "caption_source": source, "itm": t["itm"], "itm_logit": t["itm_logit"],
+                        "itc": t["itc"], "orig_key": raw.key, "orig_shard": _shard_label(task.url),
                         "image_id": image_id}
-                key = out.add(ext, raw.fields[ext], s[f"{which}_text"], meta, source)
-                image_id = image_id if image_id is not None else int(key)  # both texts of an image: one id
+                if several and j is not None:
+                    meta["candidate"] = j  # index among the image's distinct candidates
+                key = out.add(ext, raw.fields[ext], t["text"], meta, source)
+                image_id = image_id if image_id is not None else int(key)  # all texts of an image: one id
                 row["out_keys"].append(key)
                 row["texts"] += 1
         return row
@@ -258,6 +287,16 @@ class AssembleWorker:
 
 EVAL_ONLY = ("noise",)  # the generator's hidden labels (blip.data.labels): never in a dataset
 OWN_FIELDS = ("key", "caption", "status", "captions", "image_id")  # what this stage writes itself
+
+
+def _candidate_verdicts(s: dict, d: dict) -> list[str]:
+    """One verdict per drawn candidate of a usable image: kept | filter | rank for its distinct
+    candidates, then empty_caption and same_text for the drawn ones that were not scored."""
+    verdicts = [KEPT if k else why for k, why in zip(d["cand_keep"], d["cand_drop"])]
+    if s.get("cand_drawn") is None:  # one caption per image (BLIP)
+        return verdicts or ["empty_caption"]
+    empty = s["cand_empty"] or 0
+    return verdicts + ["empty_caption"] * empty + [SAME_TEXT] * (s["cand_drawn"] - empty - len(verdicts))
 
 
 def _oracle_decision(d: dict, s: dict, clean: dict[str, bool], url: str) -> dict:
@@ -291,7 +330,8 @@ def _oracle_labels(web: list[str]) -> dict[str, dict[str, bool]]:
 
 def _row(key: str, status: str, human=None, web=None, synthetic=None, web_pass=None, syn_pass=None) -> dict:
     return {"key": key, "status": status, "human": human, "web": web, "synthetic": synthetic,
-            "web_pass": web_pass, "syn_pass": syn_pass, "texts": 0, "out_keys": []}
+            "web_pass": web_pass, "syn_pass": syn_pass, "texts": 0, "out_keys": [], "synthetic_texts": None,
+            "syn_pass_each": None, "duplicate_of": None}
 
 
 # ---- the stage --------------------------------------------------------------------------------
@@ -307,28 +347,45 @@ def _check_out_dir(out_dir: str, inputs: list[str]) -> None:
                               "the tars of its output folder, so give it a new or empty folder")
 
 
+def _candidates_per_image(scores: str) -> int:
+    """Texts drawn per image in a score table: ``cand_drawn`` (``caption.candidates``), else 1."""
+    names = pq.read_schema(scores).names
+    if "cand_drawn" not in names:
+        return 1
+    drawn = [n for n in pq.read_table(scores, columns=["cand_drawn"]).column(0).to_pylist() if n is not None]
+    return max(drawn, default=1)
+
+
 def _tasks(cfg: AssembleConfig, human: list[str], web: list[str], scores_dir: str,
-           clean: dict[str, dict[str, bool]] | None = None) -> list[ShardTask]:
+           clean: dict[str, dict[str, bool]] | None = None, dups=None) -> list[ShardTask]:
     """One task per input shard, each owning a block of output shard ids sized for its worst case.
     ``clean`` (``score: oracle``): per web shard the hidden labels' verdicts, handed to its worker
-    (they come from the web shard, which is fingerprinted already)."""
+    (they come from the web shard, which is fingerprinted already). ``dups``: the later copies
+    to drop, per shard (they depend on the other shards, so they are fingerprinted here)."""
     counts = count_shards(human + web)
     tasks, next_id = [], 0
     for role, urls in (("human", human), ("web", web)):
         for url in urls:
             n = counts[url].samples
-            worst = n * (2 if role == "web" and cfg.use_captioner else 1)
-            n_ids = math.ceil(worst / cfg.max_shard_samples)
-            inputs = {"shard": file_fingerprint(url), "out_ids": f"{next_id}+{n_ids}"}
-            params = {"role": role, "first_id": next_id, "n_ids": n_ids}
+            params = {"role": role}
+            inputs = {"shard": file_fingerprint(url)}
+            per_image = 1
             if role == "web":
                 scores = os.path.join(scores_dir, result_name(url))
                 if not os.path.exists(scores):
                     raise FileNotFoundError(f"no score table {scores} for {url}: run the filter stage on these shards first")
                 inputs["scores"] = content_hash([scores])
                 params["scores"] = scores
+                params["candidates"] = _candidates_per_image(scores) if cfg.use_captioner else 0
+                per_image = 1 + params["candidates"]
                 if clean is not None:
                     params["clean"] = clean[url]
+            if dups is not None and dups.drop.get(url):
+                params["duplicates"] = dups.drop[url]
+                inputs["duplicates"] = config_hash("dedup", 1, dups.drop[url])
+            n_ids = math.ceil(n * per_image / cfg.max_shard_samples)
+            inputs["out_ids"] = f"{next_id}+{n_ids}"
+            params |= {"first_id": next_id, "n_ids": n_ids}
             tasks.append(ShardTask(url, f"{role}-{result_name(url)}", n, inputs, params))
             next_id += n_ids
     if next_id > 100_000:
@@ -361,14 +418,20 @@ def _stats(cfg: AssembleConfig, tasks: list[ShardTask], records: list[dict], out
     mdir = os.path.join(out_dir, MANIFEST)
     decisions = {s: Counter() for s in SOURCES}
     passes = {"web_pass": Counter(), "syn_pass": Counter()}
-    images = 0
+    images, expected_synthetic = 0, 0
     for task, rec in zip(tasks, records):
-        t = pq.read_table(os.path.join(mdir, task.name), columns=[*SOURCES, "web_pass", "syn_pass", "texts", "status"])
-        for s in SOURCES:
+        t = pq.read_table(os.path.join(mdir, task.name),
+                          columns=["human", "web", "synthetic_texts", "web_pass", "syn_pass_each", "texts", "status"])
+        for s in ("human", "web"):
             decisions[s].update(v for v in t.column(s).to_pylist() if v is not None)
-        for c, counter in passes.items():
-            counter.update(v for v in t.column(c).to_pylist() if v is not None)
+        for verdicts in t.column("synthetic_texts").to_pylist():
+            decisions["synthetic"].update(verdicts or ())
+        passes["web_pass"].update(v for v in t.column("web_pass").to_pylist() if v is not None)
+        for each in t.column("syn_pass_each").to_pylist():
+            passes["syn_pass"].update(v for v in each or () if v is not None)
         images += sum(1 for n in t.column("texts").to_pylist() if n)
+        if task.params["role"] == "web":  # every usable web image drew `candidates` captions
+            expected_synthetic += task.params["candidates"] * sum(1 for st in t.column("status").to_pylist() if st == OK)
         unread = task.expected_rows - rec["rows"]  # behind the damage of a truncated input shard
         if unread:
             decisions[task.params["role"]][UNREAD] += unread
@@ -385,8 +448,7 @@ def _stats(cfg: AssembleConfig, tasks: list[ShardTask], records: list[dict], out
     expected = {
         "human": sum(t.expected_rows for t in tasks if t.params["role"] == "human"),
         "web": sum(t.expected_rows for t in tasks if t.params["role"] == "web"),
-        # one synthetic caption per usable web image (a web decision of kept or filter)
-        "synthetic": sum(decisions["web"][d] for d in (KEPT, FILTERED, NOISE_LABEL)) if cfg.use_captioner else 0,
+        "synthetic": expected_synthetic,  # candidates drawn per usable web image (BLIP: 1)
     }
     sources = {}
     for s in SOURCES:
@@ -403,10 +465,12 @@ def _stats(cfg: AssembleConfig, tasks: list[ShardTask], records: list[dict], out
         return c[False] / n if n else None
 
     texts = {s: written["texts"][s] for s in SOURCES}
+    per_image = max((t.params.get("candidates", 0) for t in tasks), default=0)
     return {
         "parts": cfg.parts, "use_filter": cfg.use_filter, "use_captioner": cfg.use_captioner, "threshold": cfg.threshold,
+        "candidates": per_image,
         "units": {"human": "images (kept with all their captions)", "web": "texts (one per web image)",
-                  "synthetic": "texts (one per usable web image)"},
+                  "synthetic": f"texts ({per_image} drawn per usable web image)"},
         "sources": sources,
         "noise_ratio": ratio(passes["syn_pass"]),
         "web_drop_ratio": ratio(passes["web_pass"]),
@@ -415,6 +479,39 @@ def _stats(cfg: AssembleConfig, tasks: list[ShardTask], records: list[dict], out
         "images": images,
         "shards": len(tars),
     }, sorted(tars)
+
+
+def _rule(cfg: AssembleConfig, web_tables: list[pa.Table]) -> tuple[Rule, dict]:
+    """The rule with its global cuts computed over every shard's table, and what ``stats.json``
+    records of it."""
+    score = "itm" if cfg.score == "oracle" else cfg.score  # the oracle's synthetic texts: the ITM filter
+    cut, info = cfg.threshold, {"name": cfg.rule}
+    if cfg.use_filter and cfg.score == "itc":  # one global cut over every shard's cosines
+        found = itc_cut(web_tables, cfg.threshold, cfg.use_captioner)
+        cut = found["cut"]
+        info["itc_cut"] = {**found, "cut": cut if math.isfinite(cut) else None}
+    frac = None
+    if cfg.rule == "top_k":
+        info |= {"top_k": cfg.top_k, "rank_score": cfg.rank_score}
+    elif cfg.rule == "replace":
+        info |= {"rank_score": cfg.rank_score, "pass": f"{score} >= {cut}"}
+    elif cfg.rule == "fraction":
+        found = fraction_cut(web_tables, cfg.fraction, cfg.rank_score, cfg.use_captioner)
+        frac = found["cut"]
+        info |= {**found, "cut": frac if math.isfinite(frac) else None}
+    else:
+        info |= {"threshold": cfg.threshold, "score": score}
+    return Rule(cfg.rule, cut, score, cfg.rank_score, cfg.top_k, frac), info
+
+
+def _repeated_web_texts(web_tables: list[pa.Table], min_images: int) -> dict:
+    """Web texts that many images share (placeholders, boilerplate), with their counts."""
+    from .dedup import repeated_texts
+
+    pairs = ((f"{i}/{k}", t) for i, tab in enumerate(web_tables)
+             for k, t, st in zip(tab.column("key").to_pylist(), tab.column("web_text").to_pylist(),
+                                 tab.column("status").to_pylist()) if st == OK and t)
+    return repeated_texts(pairs, min_images=min_images)
 
 
 def assemble(cfg: AssembleConfig, human_shards, web_shards, scores_dir, out_dir, tracker=None) -> dict:
@@ -427,33 +524,39 @@ def assemble(cfg: AssembleConfig, human_shards, web_shards, scores_dir, out_dir,
     out_dir, scores_dir = str(out_dir), str(scores_dir)
     _check_out_dir(out_dir, human + web)
     oracle = cfg.score == "oracle" and cfg.use_filter
-    tasks = _tasks(cfg, human, web, scores_dir, _oracle_labels(web) if oracle else None)
+    dups = None
+    if cfg.dedup != "none":
+        from .dedup import find_duplicates
+
+        dups = find_duplicates(human + web, cfg.dedup)
+    tasks = _tasks(cfg, human, web, scores_dir, _oracle_labels(web) if oracle else None, dups)
     os.makedirs(out_dir, exist_ok=True)
     stats_path = os.path.join(out_dir, STATS)
     if os.path.exists(stats_path):
         os.remove(stats_path)  # the folder is complete again only when stats.json is rewritten
-    cut = {"cut": cfg.threshold}
-    if cfg.score == "itc" and cfg.use_filter:  # one global cut over every shard's cosines
-        cut = itc_cut((read_scores(t.params["scores"], cfg.use_captioner) for t in tasks if t.params["role"] == "web"),
-                      cfg.threshold, cfg.use_captioner)
+    web_tables = [read_scores(t.params["scores"], cfg.use_captioner) for t in tasks if t.params["role"] == "web"]
+    rule, rule_info = _rule(cfg, web_tables)
     cfg_hash = config_hash(STAGE, VERSION, {k: getattr(cfg, k) for k in ("threshold", "score", "use_filter",
                                                                        "use_captioner", "max_shard_samples",
-                                                                       "web_metadata")}
-                           | {"cut": cut["cut"]})
+                                                                       "web_metadata", "dedup")}
+                           | {"rule": asdict(rule)})
     if tracker is not None:
         tracker.log_params({f"{STAGE}.{k}": v for k, v in asdict(cfg).items()} | {f"{STAGE}.parts": cfg.parts})
-    run = run_shards(STAGE, tasks, os.path.join(out_dir, MANIFEST), partial(AssembleWorker, cfg, out_dir, cut["cut"]), cfg_hash,
+    run = run_shards(STAGE, tasks, os.path.join(out_dir, MANIFEST), partial(AssembleWorker, cfg, out_dir, rule), cfg_hash,
                      workers=cfg.workers, executor=cfg.executor, tracker=tracker, progress=cfg.progress)
     records = _prune(out_dir, tasks)
     stats, tars = _stats(cfg, tasks, records, out_dir)
     stats["score"] = cfg.score
+    stats["rule"] = rule_info
+    stats["dedup"] = {"mode": cfg.dedup, **(dups.to_stats() if dups is not None else {})}
+    stats["repeated_texts"] = _repeated_web_texts(web_tables, REPEATED_MIN_IMAGES)
     if oracle:
         stats.update(ORACLE_STATS)
-    if cfg.score == "itc":
-        stats["itc_cut"] = {**cut, "cut": cut["cut"] if math.isfinite(cut["cut"]) else None}
+    if "itc_cut" in rule_info:
+        stats["itc_cut"] = rule_info["itc_cut"]
     write_sizes(out_dir, {t: _read_json(os.path.join(out_dir, t[:-4] + "_stats.json"))["count"] for t in tars})
     write_bytes_atomic(stats_path, json.dumps(stats, indent=1, sort_keys=True).encode())
-    if cfg.use_filter and (stats["web_drop_ratio"] or 0.0) > 0.9:
+    if cfg.use_filter and cfg.rule == "threshold" and (stats["web_drop_ratio"] or 0.0) > 0.9:
         _log.warning("assemble: the filter drops %.0f%% of web texts at threshold %.2f; is it trained? An untrained "
                      "ITM head gives p(match) near 1/3 for every pair (ITM trains on 1 positive per 2 hard negatives); "
                      "look at the itm_web column in %s", 100 * stats["web_drop_ratio"], cfg.threshold, scores_dir)

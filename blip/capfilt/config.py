@@ -21,6 +21,9 @@ DEFAULT_THRESHOLD = 0.5
 # what decides the kept texts: ITM p(match) (BLIP) | ITC cosine (DataComp) | oracle: the hidden noise labels decide
 # the web texts, ITM the synthetic ones (the ceiling cell's evaluation instrument, not a filter)
 FILTER_SCORES = ("itm", "itc", "oracle")
+RULES = ("threshold", "top_k", "fraction", "replace")  # assemble.rule (selection.py)
+RANK_SCORES = ("itm", "itc")
+DEDUP_MODES = ("image", "url", "none")
 
 
 def parts_name(use_filter: bool, use_captioner: bool) -> str:
@@ -60,7 +63,9 @@ class CaptionConfig:
     only, kept before top-p as transformers' default did for BLIP (0 = off). ``length_rule``: beam
     only, how finished captions are ranked: ``official`` (transformers 4.15, as BLIP's released
     captions) or ``transformers`` (5.x). ``max_length``/``min_length`` count the prompt's tokens,
-    as BLIP's configs (20/5). ``seed``: nucleus sampling only.
+    as BLIP's configs (20/5). ``seed``: nucleus sampling only. ``candidates``: nucleus samples per
+    image (1: BLIP; BLIP-2 ranks 10, LAION-COCO 40), drawn in one pass over the image's cache, each
+    from its own seed (``caption.candidate_seed``); the selection rule (``assemble.rule``) ranks them.
     How it runs (not part of the result's identity): ``batch_size``, ``device`` (auto | cpu |
     cuda | cuda:N), ``workers`` (shards in flight), ``executor`` (thread | process | ray: Ray
     actors, placed by ``compute.ray_*``), ``progress``.
@@ -74,6 +79,7 @@ class CaptionConfig:
     max_length: int = 20
     min_length: int = 5
     seed: int = 0
+    candidates: int = 1
     batch_size: int = 32
     device: str = "auto"
     workers: int = 1
@@ -86,6 +92,11 @@ class CaptionConfig:
             raise ValueError(f"method={self.method!r}: use one of {METHODS}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+        if not 1 <= self.candidates <= 256:
+            raise ValueError(f"candidates={self.candidates}: captions per image, 1..256")
+        if self.candidates > 1 and self.method != "nucleus":
+            raise ValueError(f"candidates={self.candidates} with decoding {self.method}: beam search gives one caption "
+                             "per image; sample several with capfilt.decoding nucleus")
         check_fan_out(self.workers, self.executor)
         GenerationConfig(top_k=self.top_k, length_rule=self.length_rule)  # both checked, whatever the method
         self.generation()  # validates top_p, num_beams
@@ -104,6 +115,8 @@ class CaptionConfig:
         d = {"generation": asdict(self.generation())}
         if self.method == "nucleus":
             d["seed"] = self.seed
+        if self.candidates != 1:  # absent at 1, so BLIP's one-caption tables stay valid
+            d["candidates"] = self.candidates
         return d
 
 
@@ -137,9 +150,19 @@ class AssembleConfig:
     the web texts, ITM the synthetic ones; generated data only — ``assemble._oracle_labels``).
     ``use_filter``: drop texts with ITM p(match) < ``threshold``; ``use_captioner``: add the
     synthetic captions. ``max_shard_samples``: samples per output tar (<= 10000, 4-digit index).
-    ``web_metadata``: keep the web samples' own metadata (img2dataset's ``url``, sizes, ...)."""
+    ``web_metadata``: keep the web samples' own metadata (img2dataset's ``url``, sizes, ...).
+    ``rule``: threshold (BLIP) | top_k (BLIP-2: ``top_k`` per image) | fraction (DataComp: the
+    best ``fraction`` of all texts) | replace (Nguyen et al.: a rejected web text replaced by the
+    best passing candidate); ``rank_score`` (itm | itc) ranks for the last three
+    (``selection`` says exactly what each keeps). ``dedup``: image (exact duplicates by image
+    bytes) | url (by the web sample's url) | none — the first copy kept, the rest counted."""
 
     threshold: float = DEFAULT_THRESHOLD
+    rule: str = "threshold"
+    top_k: int = 2
+    fraction: float = 0.3
+    rank_score: str = "itc"
+    dedup: str = "none"
     score: str = "itm"  # itm: p(match) >= threshold | itc: cosine, dropping as many as ITM does | oracle: labels
     use_filter: bool = True
     use_captioner: bool = True
@@ -156,6 +179,19 @@ class AssembleConfig:
             raise ValueError(f"max_shard_samples={self.max_shard_samples}: must be in 1..{MAX_SHARD_SIZE}")
         if self.score not in FILTER_SCORES:
             raise ValueError(f"score={self.score!r} unknown; use one of {FILTER_SCORES}")
+        if self.rule not in RULES:
+            raise ValueError(f"assemble.rule={self.rule!r} unknown; use one of {RULES}")
+        if self.rank_score not in RANK_SCORES:
+            raise ValueError(f"assemble.rank_score={self.rank_score!r}: use one of {RANK_SCORES}")
+        if self.top_k < 1:
+            raise ValueError(f"assemble.top_k={self.top_k}: texts kept per image, >= 1")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"assemble.fraction={self.fraction}: the share of all texts kept, in (0, 1]")
+        if self.dedup not in DEDUP_MODES:
+            raise ValueError(f"assemble.dedup={self.dedup!r}: use one of {DEDUP_MODES}")
+        if self.score == "oracle" and self.rule != "threshold":
+            raise ValueError(f"capfilt.filter_score=oracle decides web texts by the hidden labels; it has no scores to "
+                             f"rank, so it runs with assemble.rule threshold, not {self.rule}")
         check_fan_out(self.workers, self.executor)
         if self.executor == "ray":
             raise ValueError("assemble.executor=ray: assembling reads the score tables and writes the new shards where "

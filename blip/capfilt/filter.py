@@ -23,6 +23,14 @@ Output: ``out_dir/<shard>.parquet`` per web shard, one row per input sample, in 
     itc_web        float32? cosine of the normalised ITC features (not divided by temp)
     itc_syn        float32?
     status         str      "ok" or the loader's skip reason (scores are null then)
+
+With several captions per image (``caption.candidates`` > 1) four list columns follow, and
+``syn_text``/``*_syn`` are the first candidate's (so every reader of one synthetic text works)::
+
+    syn_candidates list<str>     the image's distinct non-empty candidates, in draw order
+    itm_cand, itm_logit_cand, itc_cand  list<float32>  their scores, aligned
+    cand_drawn     int32        candidates drawn (N); ``cand_empty`` int32 of them empty — the
+                                rest of the gap to ``len(syn_candidates)`` repeated an earlier one
 """
 
 from __future__ import annotations
@@ -37,18 +45,14 @@ import torch
 
 from ..data.shards import resolve_shards
 from ..model.scoring import image_embeddings, itm_scores, text_embeddings
+from .caption import EMPTY_CAPTION
 from .caption import OK as CAPTION_OK
 from .config import TEXT_MAX_LENGTH, FilterConfig
 from .fingerprint import config_hash, content_hash, file_fingerprint
 from .models import InferenceModel, model_fingerprint
 from .reader import ShardReader
-from .shardwork import (
-    ShardResult,
-    ShardTask,
-    result_name,
-    run_shards,
-    shard_tasks,
-)
+from .records import ShardResult, ShardTask
+from .shardwork import result_name, run_shards, shard_tasks
 
 STAGE = "filter"
 VERSION = 1
@@ -59,16 +63,31 @@ SCHEMA = pa.schema(
     + [(c, pa.float32()) for c in SCORE_COLUMNS]
     + [("status", pa.string())]
 )
+CANDIDATE_COLUMNS = ("itm_cand", "itm_logit_cand", "itc_cand")
+CANDIDATES_SCHEMA = pa.schema(
+    list(SCHEMA) + [pa.field("syn_candidates", pa.list_(pa.string()))]
+    + [pa.field(c, pa.list_(pa.float32())) for c in CANDIDATE_COLUMNS]
+    + [pa.field("cand_drawn", pa.int32()), pa.field("cand_empty", pa.int32())]
+)
 
 
-def read_captions(path: str) -> tuple[list[str], list[str | None]]:
-    """(keys, caption or None) of a caption table; None where there is no usable caption."""
+def distinct_candidates(texts: list[str]) -> list[str]:
+    """The non-empty texts of one image, each once, in draw order."""
+    return list(dict.fromkeys(t for t in texts if t))
+
+
+def read_captions(path: str) -> tuple[list[str], list[list[str] | None]]:
+    """(keys, candidates or None) of a caption table: per sample all its drawn captions (one
+    without ``candidates``; empty ones ""), None where the sample was not captioned."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: run the caption stage on the same web shards first")
-    t = pq.read_table(path, columns=["key", "caption", "status"])
-    keys = t.column("key").to_pylist()
-    caps = [c if s == CAPTION_OK and c else None
-            for c, s in zip(t.column("caption").to_pylist(), t.column("status").to_pylist())]
+    t = pq.read_table(path)
+    keys, status = t.column("key").to_pylist(), t.column("status").to_pylist()
+    if "candidates" in t.column_names:
+        drawn = t.column("candidates").to_pylist()
+    else:
+        drawn = [[c] for c in t.column("caption").to_pylist()]
+    caps = [d if s in (CAPTION_OK, EMPTY_CAPTION) and d else None for d, s in zip(drawn, status)]
     return keys, caps
 
 
@@ -89,43 +108,59 @@ class FilterWorker:
             syn_keys, syn_caps = None, None
         reader = ShardReader(task.url, self.m.image_size, self.cfg.batch_size)
         cols: dict[str, dict[int, float]] = {c: {} for c in SCORE_COLUMNS}
+        cand: dict[str, dict[int, list[float]]] = {c: {} for c in CANDIDATE_COLUMNS}
+        distinct = None if syn_caps is None else [None if c is None else distinct_candidates(c) for c in syn_caps]
         with torch.inference_mode():
             for b in reader.batches():
-                syn = [syn_caps[r] if syn_caps is not None and r < len(syn_caps) else None for r in b.rows]
-                self._score(b, syn, cols)
+                syn = [distinct[r] if distinct is not None and r < len(distinct) else None for r in b.rows]
+                self._score(b, syn, cols, cand)
         if syn_keys is not None and syn_keys != reader.keys:
             raise ValueError(f"{os.path.join(self.captions_dir, task.name)} does not hold the samples of {task.url} "
                              "(keys differ): rerun the caption stage on these web shards")
         n = len(reader.keys)
-        syn_text = [None] * n if syn_caps is None else [c if reader.status[i] == "ok" else None
-                                                         for i, c in enumerate(syn_caps)]
+        ok = [reader.status[i] == "ok" for i in range(n)]
+        syn_text = [None] * n if distinct is None else [d[0] if ok[i] and d else None for i, d in enumerate(distinct)]
         data = {"key": reader.keys, "web_text": reader.texts, "syn_text": syn_text}
         for c in SCORE_COLUMNS:
             data[c] = [cols[c].get(i) for i in range(n)]
         data["status"] = reader.status
-        return ShardResult(pa.table(data, schema=SCHEMA), shard_error=reader.shard_error,
+        several = syn_caps is not None and any(c is not None and len(c) > 1 for c in syn_caps)
+        if several:
+            data["syn_candidates"] = [d if ok[i] and d is not None else None for i, d in enumerate(distinct)]
+            for c in CANDIDATE_COLUMNS:
+                data[c] = [cand[c].get(i, []) if ok[i] and distinct[i] is not None else None for i in range(n)]
+            data["cand_drawn"] = [len(c) if ok[i] and c is not None else None for i, c in enumerate(syn_caps)]
+            data["cand_empty"] = [sum(1 for t in c if not t) if ok[i] and c is not None else None
+                                  for i, c in enumerate(syn_caps)]
+        return ShardResult(pa.table(data, schema=CANDIDATES_SCHEMA if several else SCHEMA), shard_error=reader.shard_error,
                            info={"with_captions": syn_caps is not None})
 
-    def _score(self, b, syn: list[str | None], cols: dict[str, dict[int, float]]) -> None:
+    def _score(self, b, syn: list[list[str] | None], cols: dict[str, dict[int, float]],
+               cand: dict[str, dict[int, list[float]]]) -> None:
+        """Scores of the batch's web texts and every candidate against their image (ViT once)."""
         m = self.m
         emb, img_feat = image_embeddings(m.model, b.images.to(m.device))  # ViT once per image
         texts = list(b.texts)
         image_index = list(range(len(texts)))
-        targets = [("web", r) for r in b.rows]
-        for i, (row, text) in enumerate(zip(b.rows, syn)):
-            if text:
+        targets = [("web", r, 0) for r in b.rows]
+        for i, (row, candidates) in enumerate(zip(b.rows, syn)):
+            for j, text in enumerate(candidates or ()):
                 texts.append(text)
                 image_index.append(i)
-                targets.append(("syn", row))
+                targets.append(("syn", row, j))
         ids, mask = m.tokenize(texts, self.cfg.max_length)
         idx = torch.tensor(image_index, device=m.device)
         itm = itm_scores(m.model, emb, ids, mask, image_index=idx)
         itc = (img_feat[idx] * text_embeddings(m.model, ids, mask)).sum(-1)  # both normalised: cosine
         prob, logit, cos = itm.prob.float().cpu().tolist(), itm.logit.float().cpu().tolist(), itc.float().cpu().tolist()
-        for (which, row), p, lg, c in zip(targets, prob, logit, cos):
-            cols[f"itm_{which}"][row] = p
-            cols[f"itm_logit_{which}"][row] = lg
-            cols[f"itc_{which}"][row] = c
+        for (which, row, j), p, lg, c in zip(targets, prob, logit, cos):
+            if j == 0:
+                cols[f"itm_{which}"][row] = p
+                cols[f"itm_logit_{which}"][row] = lg
+                cols[f"itc_{which}"][row] = c
+            if which == "syn":
+                for name, v in (("itm_cand", p), ("itm_logit_cand", lg), ("itc_cand", c)):
+                    cand[name].setdefault(row, []).append(v)
 
 
 def score_shards(cfg: FilterConfig, filter_dir, web_shards, captions_dir, out_dir, tracker=None,
@@ -164,4 +199,5 @@ def score_shards(cfg: FilterConfig, filter_dir, web_shards, captions_dir, out_di
                       prepare=attach_captions)
 
 
-__all__ = ["SCHEMA", "SCORE_COLUMNS", "TEXT_MAX_LENGTH", "FilterConfig", "FilterWorker", "read_captions", "score_shards"]
+__all__ = ["CANDIDATES_SCHEMA", "CANDIDATE_COLUMNS", "SCHEMA", "SCORE_COLUMNS", "TEXT_MAX_LENGTH", "FilterConfig",
+           "FilterWorker", "distinct_candidates", "read_captions", "score_shards"]

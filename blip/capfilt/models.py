@@ -18,9 +18,7 @@ import torch
 from ..dist import resolve_device
 from ..model.blip import BlipBase
 from .fingerprint import content_hash, dir_fingerprint
-
-CAPTIONER_ARCHS = {"BlipCaptioner": "BlipCaptioner", "BlipPretrain": "BlipCaptioner"}
-FILTER_ARCHS = {"BlipRetrieval": "BlipRetrieval", "BlipPretrain": "BlipPretrain"}
+from .sources import load_source
 
 
 class InferenceModel:
@@ -32,8 +30,6 @@ class InferenceModel:
     """
 
     def __init__(self, path: str | Path, role: str, device: str = "auto", vocab_file: str | Path | None = None):
-        from .sources import load_source
-
         src = load_source(path, role, vocab_file)  # ours, an official .pth, or a transformers folder
         self.kind = src.kind
         self.device = resolve_device(device)

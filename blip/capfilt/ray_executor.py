@@ -3,7 +3,7 @@
 Each of ``workers`` Ray actors calls ``worker_factory()`` once (loading the captioner or filter:
 on the GPU Ray gives it, ``num_gpus`` per actor; on CPU when the cluster has none) and then
 computes one shard at a time. The actor returns the shard's *table* to the driver; the driver
-checks it and commits it atomically (``shardwork._commit``), exactly as the thread and process
+checks it and commits it atomically (``records.commit``), exactly as the thread and process
 executors do, so the tables are the same bytes and workers need no shared output filesystem.
 
 What workers must reach: the input shards (a path every host can read, or a URL: ``pipe:``,
@@ -30,6 +30,8 @@ import socket
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from .records import commit, shard_failed
 
 _log = logging.getLogger("blip.capfilt")
 
@@ -89,8 +91,6 @@ class _ShardActor:
 def run_ray(stage, todo, out, worker_factory, cfg_hash, workers: int, opts: RayOptions | None, records: dict,
             finished: Callable[[dict], None], prepare: Callable | None = None) -> None:
     """Compute ``todo`` on ``workers`` Ray actors; commit each result here (see the module doc)."""
-    from .shardwork import _commit, _failed, remove_stale_temporaries
-
     ray = _import_ray()
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -148,15 +148,14 @@ def run_ray(stage, todo, out, worker_factory, cfg_hash, workers: int, opts: RayO
                 idle.append(actor)
                 continue
             idle.append(actor)
-            remove_stale_temporaries(os.path.join(out, task.name))
-            rec = _commit(task, result, out, stage, cfg_hash)
+            rec = commit(task, result, out, stage, cfg_hash)
             records[task.name] = rec
             finished(rec)
         for actor in idle:
             ray.kill(actor)
         if error is not None:
             task, exc = error
-            raise _failed(stage, task, exc) from exc
+            raise shard_failed(stage, task, exc) from exc
     finally:
         if started:
             ray.shutdown()

@@ -21,7 +21,7 @@ from ..data.stats import LoaderStats
 from ..data.tario import RawSample, ShardEnd, iter_shard_samples
 from ..data.text import PRETRAIN_MAX_WORDS
 from ..data.transforms import EvalTransform, normalize
-from .shardwork import OK
+from .records import OK
 
 DUPLICATE_KEY = "duplicate_key"
 

@@ -33,6 +33,10 @@ from ..model.blip import BlipBase
 from ..tokenizer import BlipTokenizer
 
 ROLES = {"captioner": "BlipCaptioner", "filter": "BlipRetrieval"}
+#: our saved classes each role accepts, and the class each is loaded as (a pre-trained model as a
+#: captioner keeps its ITC/ITM towers on disk; as the filter, Table 4's shared setting)
+CAPTIONER_ARCHS = {"BlipCaptioner": "BlipCaptioner", "BlipPretrain": "BlipCaptioner"}
+FILTER_ARCHS = {"BlipRetrieval": "BlipRetrieval", "BlipPretrain": "BlipPretrain"}
 HF_CLASSES = {"captioner": "BlipForConditionalGeneration", "filter": "BlipForImageTextRetrieval"}
 #: the towers each role needs from an official file (a captioning file has no ITM head, and so on)
 NEEDS = {"captioner": ("visual_encoder.", "text_decoder."),
@@ -78,7 +82,6 @@ def load_source(path: str | Path, role: str, vocab_file: str | Path | None = Non
     path = Path(path)
     if kind == "ours":
         from ..checkpoint import load_model, read_config
-        from .models import CAPTIONER_ARCHS, FILTER_ARCHS
 
         archs = CAPTIONER_ARCHS if role == "captioner" else FILTER_ARCHS
         saved, _ = read_config(path)

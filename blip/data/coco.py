@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 
+from ..atomic import atomic_path
+
 
 def build_gt(images: list[dict], captions: dict[int, list[str]], description: str) -> dict:
     """GT dict from image records (must hold ``id``) and ``image_id -> captions``.
@@ -40,7 +42,5 @@ def build_gt(images: list[dict], captions: dict[int, list[str]], description: st
 def write_gt(path: str, gt: dict) -> None:
     """Write atomically with sorted keys (reproducible bytes)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(gt, f, sort_keys=True, ensure_ascii=False)
-    os.replace(tmp, path)

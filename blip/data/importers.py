@@ -33,6 +33,7 @@ from contextlib import contextmanager
 
 from PIL import Image
 
+from ..atomic import atomic_dir
 from . import layout
 from .coco import build_gt, write_gt
 from .progress import progress_bar
@@ -362,72 +363,21 @@ def previous_splits(out_dir: str, rewritten) -> dict:
 
 @contextmanager
 def staged_output_dir(out_dir: str, replaced: list[str]) -> Iterator[str]:
-    """A fresh folder beside ``out_dir`` (``<out>.tmp-<pid>``) to write into; on success it takes
-    ``out_dir``'s place in one step.
+    """A fresh folder beside ``out_dir`` to write into; on success it takes ``out_dir``'s place in
+    one step (``blip.atomic.atomic_dir``).
 
     ``replaced``: paths relative to ``out_dir`` that this run writes anew (split folders, their GT,
     ``manifest.json``); everything else already in ``out_dir`` (other splits, files of the user's)
-    is carried over as hard links (copies where the filesystem has none). At the end the old folder
-    is renamed aside, the new one renamed in and the old one deleted: readers never see old and new
-    shards mixed (a rerun with another shard size used to leave the first run's higher-numbered
+    is carried over as hard links (copies where the filesystem has none). Readers never see old and
+    new shards mixed (a rerun with another shard size used to leave the first run's higher-numbered
     shards, which the loader then read twice). On an exception, Ctrl-C included, the new folder is
     deleted and ``out_dir`` is as it was; folders that a killed run left behind are cleared first.
     """
-    out = os.path.realpath(out_dir)  # a symlinked output folder stays a link to the real one
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"{out_dir} exists and is not a folder; choose another output folder")
-    parent, name = os.path.split(out)
-    os.makedirs(parent, exist_ok=True)
-    _clear_stale(parent, name)
-    tmp, old = f"{out}.tmp-{os.getpid()}", f"{out}.old-{os.getpid()}"
-    try:
-        os.makedirs(tmp)
+    with atomic_dir(out_dir) as tmp:
+        out = os.path.realpath(out_dir)
         if os.path.isdir(out):
-            _carry_over(out, tmp, replaced)
-        yield tmp
-        if os.path.isdir(out):
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)  # one left behind is cleared by the next run
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _clear_stale(parent: str, name: str) -> None:
-    """Remove ``<name>.tmp-<pid>`` folders of processes that no longer run; a ``<name>.old-<pid>``
-    is the previous output of a run killed between its two renames: put back if ``<name>`` is
-    missing, else removed."""
-    out = os.path.join(parent, name)
-    for entry in sorted(os.listdir(parent)):
-        for tag in (".old-", ".tmp-"):
-            pid = entry[len(name + tag):] if entry.startswith(name + tag) else ""
-            if pid.isdigit() and not _running(int(pid)):
-                path = os.path.join(parent, entry)
-                if tag == ".old-" and not os.path.exists(out):
-                    os.rename(path, out)
-                else:
-                    shutil.rmtree(path, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    """Whether another process with this id runs on this host (our own id: a leftover of a dead
-    process that had it, as happens in containers)."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
+            _carry_over(out, str(tmp), replaced)
+        yield str(tmp)
 
 
 def _carry_over(src: str, dst: str, replaced: list[str]) -> None:

@@ -16,6 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from ..atomic import write_bytes_atomic
 from .tario import RawSample, iter_shard_samples, write_tar
 
 MAX_SHARD_SIZE = 10_000  # 4 index digits in a 9-digit key
@@ -57,21 +58,14 @@ def write_shard(out_dir: str, shard: int, members: list[tuple[str, bytes]], n_sa
         "pairs": n_pairs,
         **(extra_stats or {}),
     }
-    _write_bytes(os.path.join(out_dir, f"{shard:05d}_stats.json"), dumps(stats))
+    write_bytes_atomic(os.path.join(out_dir, f"{shard:05d}_stats.json"), dumps(stats))
     return path
 
 
 def write_sizes(out_dir: str, sizes: dict[str, int]) -> None:
     """open_clip's ``sizes.json``: tar file name -> number of samples."""
     os.makedirs(out_dir, exist_ok=True)
-    _write_bytes(os.path.join(out_dir, "sizes.json"), dumps(dict(sorted(sizes.items()))))
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(os.path.join(out_dir, "sizes.json"), dumps(dict(sorted(sizes.items()))))
 
 
 SHARD_EXTENSIONS = (".tar.gz", ".tgz", ".tar")

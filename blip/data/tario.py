@@ -18,6 +18,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
+from ..atomic import atomic_path
+
 BLOCK = 512
 _CHUNK = 1 << 20  # bytes per read: a damaged size field must not size one read (or allocation)
 
@@ -253,8 +255,8 @@ def write_tar(path: str, members: list[tuple[str, bytes]]) -> None:
     mtime 0, uid/gid 0, empty user/group names, mode 0644, POSIX ustar/pax headers. Written to a
     temporary name and renamed, so a reader never sees half a shard.
     """
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw, \
+            tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
         for name, data in members:
             ti = tarfile.TarInfo(name)
             ti.size = len(data)
@@ -263,4 +265,3 @@ def write_tar(path: str, members: list[tuple[str, bytes]]) -> None:
             ti.uid = ti.gid = 0
             ti.uname = ti.gname = ""
             tf.addfile(ti, io.BytesIO(data))
-    os.replace(tmp, path)

@@ -15,7 +15,6 @@ lowest cosines), so the two are compared at equal cost in data; its ROC-AUC need
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from collections.abc import Mapping
@@ -181,21 +180,10 @@ def load_filter_scores(source, key_column: str = "key", itm_column: str = "itm_w
 
 def _read_parquet(path: str, columns: list[str]):
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.parquet")))
-        if not files:
-            raise FileNotFoundError(f"no *.parquet files in {path}; run the filter stage first")
-    elif os.path.isfile(path):
-        files = [path]
-    else:
-        raise FileNotFoundError(f"filter scores {path} not found")
-    tables = []
-    for f in files:
-        t = pq.read_table(f)
-        tables.append(t.select([c for c in columns if c in t.column_names]))
-    return pa.concat_tables(tables, promote_options="default")
+    from ..capfilt.records import read_score_tables
+
+    return pa.concat_tables(read_score_tables(path, columns=columns).values(), promote_options="default")
 
 
 def evaluate_filter(

@@ -12,10 +12,10 @@ from __future__ import annotations
 import io
 import textwrap
 
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from ..capfilt.config import DEFAULT_THRESHOLD
+from ..capfilt.records import read_score_tables
 from ..data.contact_sheet import GREEN, INK, PAPER, RED, _font
 from ..data.labels import noise_labels
 from ..data.noise import NOISE_KINDS
@@ -26,14 +26,10 @@ GREY = (120, 120, 120)
 
 
 def _score_rows(scores_dir) -> dict[str, dict]:
-    import glob
-    import os
-
     rows: dict[str, dict] = {}
-    for path in sorted(glob.glob(os.path.join(str(scores_dir), "*.parquet"))):
-        cols = [c for c in ("key", "status", "web_text", "syn_text", "itm_web", "itm_syn")
-                if c in pq.read_schema(path).names]
-        for r in pq.read_table(path, columns=cols).to_pylist():
+    for table in read_score_tables(scores_dir, columns=["key", "status", "web_text", "syn_text", "itm_web",
+                                                        "itm_syn"]).values():
+        for r in table.to_pylist():
             rows[r["key"]] = r
     if not rows:
         raise FileNotFoundError(f"no score tables in {scores_dir}: run the filter stage first")

@@ -155,3 +155,25 @@ def dataset_table(ds: Mapping) -> str:
               f"pairs for re-pre-training: {_cell((ds.get('texts') or {}).get('total'), 0)} texts on "
               f"{_cell(ds.get('images'), 0)} images in {_cell(ds.get('shards'), 0)} shards"]
     return "\n".join(lines) + "\n\n" + "".join(f"- {e}\n" for e in extra)
+
+
+def synthetic_check_table(sc: Mapping) -> str:
+    """The synthetic captions checked against their scenes (``caption_check.check_synthetic``):
+    the true noise ratio beside the fraction the filter rejects (the paper's Table 2 could only
+    report the latter), the filter's ROC-AUC on them, and per label how many the threshold keeps.
+    ``{"absent": why}`` renders as that one sentence."""
+    if "absent" in sc:
+        return f"Not measured: {sc['absent']}\n"
+    itc = f", ITC cosine {_cell(sc['auc_itc'], 3)}" if "auc_itc" in sc else ""
+    lines = [f"True synthetic noise ratio **{_cell(sc.get('true_noise_ratio'), 3)}** (captions false of their "
+             f"scene) vs filter-rejected ratio {_cell(sc.get('filter_rejected_ratio'), 3)} (p(match) < "
+             f"{_cell(sc.get('threshold'), 2)}); false among the kept: {_cell(sc.get('kept_noise_ratio'), 3)}. "
+             f"ROC-AUC of the filter, true against false captions: ITM **{_cell(sc.get('auc_itm'), 3)}**{itc}. "
+             f"{_cell(sc.get('n'), 0)} captions of {_cell(sc.get('n_images'), 0)} images; right objects "
+             f"(count, colour, shape) {_cell(sc.get('objects_right'), 3)}.", "",
+             "| label | captions | fraction | kept by the filter |", "|---|---:|---:|---:|"]
+    for label, v in (sc.get("per_label") or {}).items():
+        if v.get("count"):
+            lines.append(f"| {label} | {v['count']} | {_cell(v.get('fraction'), 3)} | "
+                         f"{_cell(v.get('kept_fraction'), 2)} |")
+    return "\n".join(lines) + "\n"

@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import dist
 from . import losses
-from .config import BlipConfig, GenerationConfig
+from .config import ITM_NEGATIVES, BlipConfig, GenerationConfig
 from .generation import generate
 from .med import Role, TextDecoder, TextTransformer, init_bert_weights
 from .sharing import tie_text_towers
@@ -95,14 +95,15 @@ class CaptionMixin:
         seeds: list[int] | None = None,
         generator: torch.Generator | None = None,
         image_embeds: torch.Tensor | None = None,
+        repeats: int = 1,
     ) -> torch.Tensor:
-        """Caption ids ``(B, L)`` starting with the prompt; see :func:`generation.generate`."""
+        """Caption ids ``(B * repeats, L)`` starting with the prompt; see :func:`generation.generate`."""
         t = self.cfg.text
         if image_embeds is None:
             image_embeds = self.encode_image(image)
         return generate(
             self.text_decoder, image_embeds, prompt_ids, cfg or GenerationConfig(), t.sep_token_id, t.pad_token_id,
-            seeds=seeds, generator=generator,
+            seeds=seeds, generator=generator, repeats=repeats,
         )
 
 
@@ -274,6 +275,18 @@ class MomentumITC(BlipBase):
         logits = self.itm_logits(image_embeds, ids, mask, torch.cat([rows, neg_img, rows]))  # (3B, 2)
         return F.cross_entropy(logits.float(), losses.itm_labels(B, logits.device))
 
+    #: ``itm_negatives`` (``config.ITM_NEGATIVES``): a training choice, not architecture, so it is
+    #: not in the checkpoint's config; the trainer sets it from its section of params.yaml
+    itm_negatives: str = "hard"
+
+    def negative_weights(
+        self, sim: torch.Tensor, positive: torch.Tensor, eps: float = 1e-4, own: slice | None = None
+    ) -> torch.Tensor:
+        """ITM sampling weights over the batch's candidates by ``self.itm_negatives``; ``sim`` is
+        ``(B, N)`` with row ``b``'s own pair in column ``b`` (or ``own.start + b``)."""
+        own_sim = sim[:, own if own is not None else slice(0, sim.shape[0])].diagonal()
+        return losses.itm_negative_weights(sim, positive, own_sim, self.itm_negatives, eps)
+
     def clamp_temp(self) -> None:
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
@@ -324,8 +337,8 @@ class BlipPretrain(CaptionMixin, MomentumITC):
                 positive = torch.eye(B, dtype=torch.bool, device=image.device)
             else:
                 positive = idx.view(-1, 1) == idx.view(1, -1)
-            w_t2i = losses.hard_negative_weights(sim_t2i[:, off : off + B], positive)
-            w_i2t = losses.hard_negative_weights(sim_i2t[:, off : off + B], positive)
+            w_t2i = self.negative_weights(sim_t2i[:, off : off + B], positive)
+            w_i2t = self.negative_weights(sim_i2t[:, off : off + B], positive)
         loss_itm = self.itm_loss(image_embeds, input_ids, attention_mask, w_t2i, w_i2t)
 
         if decoder_input_ids is None:
@@ -372,8 +385,8 @@ class BlipRetrieval(MomentumITC):
         else:
             with torch.no_grad():
                 same = idx == idx.T
-                w_i2t = losses.hard_negative_weights(image_feat @ text_feat.T / self.temp, same, eps=0)
-                w_t2i = losses.hard_negative_weights(text_feat @ image_feat.T / self.temp, same, eps=0)
+                w_i2t = self.negative_weights(image_feat @ text_feat.T / self.temp, same, eps=0)
+                w_t2i = self.negative_weights(text_feat @ image_feat.T / self.temp, same, eps=0)
             loss_itm = self.itm_loss(image_embeds, input_ids, attention_mask, w_t2i, w_i2t)
         return {"itc": loss_itc, "itm": loss_itm}
 
@@ -388,8 +401,9 @@ class BlipRetrieval(MomentumITC):
         mask_w = dist.concat_all_gather(attention_mask)
         with torch.no_grad():
             same = idx == idx_w.T  # (B, W*B)
-            w_t2i = losses.hard_negative_weights(text_feat @ image_feat_w.T / self.temp, same, eps=0)
-            w_i2t = losses.hard_negative_weights(image_feat @ text_feat_w.T / self.temp, same, eps=0)
+            own = slice(dist.rank() * B, dist.rank() * B + B)  # this rank's rows among the gathered columns
+            w_t2i = self.negative_weights(text_feat @ image_feat_w.T / self.temp, same, eps=0, own=own)
+            w_i2t = self.negative_weights(image_feat @ text_feat_w.T / self.temp, same, eps=0, own=own)
             neg_img = losses.sample_hard_negatives(w_t2i)
             neg_txt = losses.sample_hard_negatives(w_i2t)
         ids = torch.cat([input_ids, input_ids, ids_w[neg_txt]])

@@ -15,6 +15,15 @@ from typing import Any
 
 from ..typed import ConfigError, build
 
+#: How ITM draws its negative of each kind (``itm_negatives`` in every section that trains ITM;
+#: ``losses.itm_negative_weights``): ``hard`` BLIP's (§3.4: in proportion to softmax of the ITC
+#: similarity); ``uniform`` any other pair of the batch alike; ``below_positive`` hard, but only
+#: among the candidates the ITC model finds *less* similar than the pair's own — in a world of
+#: short, partial captions the most similar "negative" is often a text that also describes the
+#: image (a false negative), and those sit at or above the positive's own similarity
+#: (docs/recipe.md §0.7). Here, not in ``losses``, so configs check it without importing torch.
+ITM_NEGATIVES = ("hard", "uniform", "below_positive")
+
 SHARING_STRATEGIES = ("all", "all_except_ca", "all_except_sa", "none")
 PRESETS = ("tiny", "small", "base", "large")
 GENERATION_METHODS = ("beam", "nucleus", "greedy")

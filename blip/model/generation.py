@@ -147,19 +147,26 @@ def generate(
     pad_token_id: int,
     seeds: list[int] | None = None,
     generator: torch.Generator | None = None,
+    repeats: int = 1,
 ) -> torch.Tensor:
     """Generate token ids ``(B, L)``, prompt included, padded with ``pad_token_id`` after [SEP].
 
     ``image_embeds``: ``(B, N, D_v)`` ViT tokens. ``prompt_ids``: ``[DEC-or-CLS, prompt...]``
     (position 0 is set to [DEC] by the decoder). Nucleus sampling is deterministic given
-    ``seeds`` (one per image; independent of batch composition) or ``generator``.
+    ``seeds`` (one per output row; independent of batch composition) or ``generator``.
+    ``repeats``: ``repeats`` samples per image (rows ``i * repeats + j``, ``B * repeats`` in all),
+    the prompt run once per image and its cache fanned out (nucleus or greedy; beam search keeps
+    one caption per image).
     """
     if len(prompt_ids) >= cfg.max_length:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room under max_length={cfg.max_length}")
     prompt_ids = [decoder.cfg.bos_token_id, *prompt_ids[1:]]  # [DEC] at position 0, also in the output
     if cfg.method == "beam" and cfg.num_beams > 1:
+        if repeats != 1:
+            raise ValueError(f"repeats={repeats}: beam search gives one caption per image; sample several with nucleus")
         return _beam_search(decoder, image_embeds, prompt_ids, cfg, eos_token_id, pad_token_id)
-    return _sample_or_greedy(decoder, image_embeds, prompt_ids, cfg, eos_token_id, pad_token_id, seeds, generator)
+    return _sample_or_greedy(decoder, image_embeds, prompt_ids, cfg, eos_token_id, pad_token_id, seeds, generator,
+                             repeats)
 
 
 def _prefill(decoder, image_embeds, prompt_ids, max_length, repeats=1):
@@ -174,10 +181,10 @@ def _prefill(decoder, image_embeds, prompt_ids, max_length, repeats=1):
     return cache, prompt, logits
 
 
-def _sample_or_greedy(decoder, image_embeds, prompt_ids, cfg, eos, pad, seeds, generator):
-    B, P, L = image_embeds.shape[0], len(prompt_ids), cfg.max_length
+def _sample_or_greedy(decoder, image_embeds, prompt_ids, cfg, eos, pad, seeds, generator, repeats=1):
+    B, P, L = image_embeds.shape[0] * repeats, len(prompt_ids), cfg.max_length
     device = image_embeds.device
-    cache, prompt, logits = _prefill(decoder, image_embeds, prompt_ids, L)
+    cache, prompt, logits = _prefill(decoder, image_embeds, prompt_ids, L, repeats)
     seqs = torch.full((B, L), pad, dtype=torch.long, device=device)
     seqs[:, :P] = prompt
     sample = cfg.method == "nucleus"

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .config import ITM_NEGATIVES
+
 
 def itc_loss(
     image_feat: torch.Tensor,
@@ -86,6 +88,28 @@ def hard_negative_weights(sim: torch.Tensor, positive_mask: torch.Tensor, eps: f
     """``softmax(sim) + eps`` with positives zeroed (pre-training uses eps=1e-4, retrieval 0)."""
     w = F.softmax(sim.float(), dim=1) + eps
     return w.masked_fill(positive_mask, 0)
+
+
+
+
+def itm_negative_weights(
+    sim: torch.Tensor, positive_mask: torch.Tensor, own_sim: torch.Tensor, kind: str = "hard", eps: float = 1e-4
+) -> torch.Tensor:
+    """Sampling weights ``(B, N)`` over the candidates of each row, zero at its positives.
+
+    ``sim``: row ``b``'s ITC similarity to each candidate (already divided by the temperature);
+    ``own_sim`` ``(B,)``: the similarity of row ``b``'s own pair (the reference of
+    ``below_positive``). A row left with no admissible candidate falls back in
+    :func:`sample_hard_negatives` to a uniform draw over the other columns.
+    """
+    if kind == "hard":
+        return hard_negative_weights(sim, positive_mask, eps)
+    if kind == "uniform":
+        return torch.ones_like(sim, dtype=torch.float32).masked_fill(positive_mask, 0)
+    if kind == "below_positive":
+        w = hard_negative_weights(sim, positive_mask, eps)
+        return w.masked_fill(sim.float() >= own_sim.float().view(-1, 1), 0)
+    raise ValueError(f"itm_negatives={kind!r} unknown; use one of {ITM_NEGATIVES}")
 
 
 def itm_labels(batch: int, device: torch.device) -> torch.Tensor:

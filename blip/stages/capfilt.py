@@ -1,5 +1,6 @@
 """The CapFilt stages (§3.3): ``caption``, ``filter``, ``assemble``, and ``filter_quality`` (the
-filter measured against the generator's hidden noise labels, which the paper could not do)."""
+filter measured against the generator's hidden noise labels, which the paper could not do, and the
+synthetic captions checked against their images' scenes: ``evaluate.caption_check``)."""
 
 from __future__ import annotations
 
@@ -89,8 +90,20 @@ def filter_quality(stage, params: Params, tracker: Tracker, *, scores: str, web:
     from ..evaluate.filter_quality import evaluate_filter
 
     m = evaluate_filter(scores, web, threshold=params.assemble.threshold)
+    m["synthetic_check"] = _synthetic_check(scores, web, params.assemble.threshold)
     write_json(out, m)
     tracker.log_metrics(numeric(m, "filter_quality/"))
     if gallery:
         _gallery(params, web, scores, gallery, tracker)
     return {k: m[k] for k in ("precision", "recall", "auc", "drop_rate")}
+
+
+def _synthetic_check(scores: str, web: list[str], threshold: float) -> dict:
+    """The caption checker's metrics of the synthetic captions (``evaluate.caption_check``), or
+    ``{"absent": why}`` when there are none to check or no generated world to check them against."""
+    from ..evaluate.caption_check import NoSyntheticCaptions, NotGeneratedWorld, check_synthetic
+
+    try:
+        return check_synthetic(scores, web, threshold=threshold)
+    except (NoSyntheticCaptions, NotGeneratedWorld) as e:
+        return {"absent": str(e)}

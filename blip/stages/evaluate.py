@@ -106,7 +106,14 @@ def report(stage, params: Params, tracker: Tracker, *, metrics: list[str], out: 
     """``metrics``: ``NAME=PATH`` evaluation files, side by side in that order. ``ranks``: two
     ``NAME=PATH`` per-query ranks files (``evaluate --ranks``): the difference's paired bootstrap
     interval per split and the smallest effect it can detect (``intervals`` in the JSON)."""
-    from ..evaluate.report import dataset_table, filter_by_kind, headline, intervals_text, metrics_table
+    from ..evaluate.report import (
+        dataset_table,
+        filter_by_kind,
+        headline,
+        intervals_text,
+        metrics_table,
+        synthetic_check_table,
+    )
     from ..machine import describe
     from ..pipeline.mlflow_datasets import lock_md5
 
@@ -125,6 +132,9 @@ def report(stage, params: Params, tracker: Tracker, *, metrics: list[str], out: 
     if "filter_quality" in extra:
         parts.append(f"## The filter, per noise kind (hidden labels; evaluation only)\n\n"
                      f"{filter_by_kind(extra['filter_quality'])}")
+        if "synthetic_check" in extra["filter_quality"]:
+            parts.append("## The synthetic captions against their scenes (caption checker; evaluation only)\n\n"
+                         f"{synthetic_check_table(extra['filter_quality']['synthetic_check'])}")
     if gallery:
         rel = os.path.relpath(gallery, Path(out).parent or ".")
         parts.append(f"![CapFilt: web and synthetic texts, kept (green) and dropped (red)]({rel})\n")

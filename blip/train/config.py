@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..model.config import ITM_NEGATIVES
+
 SCHEDULES = ("step", "cosine")
 
 
@@ -48,6 +50,7 @@ class TrainConfig:
     batch_size: int = 32
     grad_accum_steps: int = 1
     lr: float = 3e-4  # init_lr
+    vision_lr_scale: float = 1.0  # the ViT's lr as a fraction of lr (a warm ViT beside text towers from scratch)
     min_lr: float = 1e-6
     warmup_lr: float = 1e-6
     warmup_steps: int = 3000  # linear warm-up in epoch 0 (step schedule)
@@ -62,6 +65,7 @@ class TrainConfig:
     max_skipped_fraction: float = 0.2  # fail when more of the samples read are unusable (img2dataset web data: ~0-5%)
     augment: bool = True  # horizontal flip + RandomAugment(2, 5) after the crop (BLIP's train transform)
     negative_all_rank: bool = False  # retrieval ITM negatives from every rank (COCO: True)
+    itm_negatives: str = "hard"  # hard (BLIP's) | uniform | below_positive: how ITM draws its negatives (model/losses.py)
     bf16: bool | str = False  # autocast matmuls to bfloat16; auto = where the device does bf16 natively
     grad_checkpointing: bool = False
     seed: int = 0
@@ -82,6 +86,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.itm_negatives not in ITM_NEGATIVES:
+            raise ValueError(f"itm_negatives={self.itm_negatives!r} unknown; use one of {ITM_NEGATIVES}")
+        if not 0.0 < self.vision_lr_scale <= 10.0:
+            raise ValueError(f"vision_lr_scale={self.vision_lr_scale}: the ViT's lr as a fraction of lr, in (0, 10]")
         if not 0.0 <= self.max_skipped_fraction <= 1.0:
             raise ValueError(f"max_skipped_fraction={self.max_skipped_fraction}: a fraction in [0, 1] (1: never fail)")
         if self.image_size is not None and self.image_size < 16:

@@ -21,6 +21,13 @@ def build_model(
     """A fresh pre-training model from ``model_cfg`` + ``tokenizer`` (its ViT from the warm start
     ``vision_init``, its text towers from ``text_init`` when given), or the job's model class initialised from checkpoint ``init``
     (tokenizer read from ``init/tokenizer``)."""
+    model, tok = _build(cfg, init, model_cfg, tokenizer, vision_init, text_init)
+    if hasattr(model, "itm_negatives"):  # models that train ITM (pre-training, filter, shared)
+        model.itm_negatives = cfg.itm_negatives
+    return model, tok
+
+
+def _build(cfg, init, model_cfg, tokenizer, vision_init, text_init) -> tuple[BlipBase, BlipTokenizer]:
     job = JOBS[cfg.job]
     kwargs = {"negative_all_rank": cfg.negative_all_rank} if job.model == "BlipRetrieval" else {}
     if init is not None and (vision_init is not None or text_init is not None):

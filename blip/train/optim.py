@@ -9,18 +9,29 @@ import torch
 from .config import TrainConfig
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+VISION_PREFIX = "visual_encoder."
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, vision_lr_scale: float = 1.0) -> list[dict]:
     """Decay on weight matrices; none on biases, norms, 1-D parameters, tokens and ``temp``
-    (as LAVIS; the original BLIP decayed everything)."""
+    (as LAVIS; the original BLIP decayed everything).
+
+    ``vision_lr_scale``: the ViT's (``visual_encoder.*``) learning rate as a fraction of the
+    schedule's; each group carries its ``lr_scale`` for :func:`set_lr`. BLIP starts both towers
+    pre-trained; a model whose ViT is warm-started and whose text towers start from random weights
+    needs the text side faster than the ViT can take (docs/recipe.md: ITM leaves its prior only so)."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():  # unique parameters: tied ones appear once
         if not p.requires_grad:
             continue
-        (no_decay if name in skip or p.ndim <= 1 else decay).append(p)
+        vision = vision_lr_scale != 1.0 and name.startswith(VISION_PREFIX)
+        groups.setdefault((name in skip or p.ndim <= 1, vision), []).append(p)
+    order = [(False, False), (True, False), (False, True), (True, True)]
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": groups[k], "weight_decay": 0.0 if k[0] else weight_decay,
+         "lr_scale": vision_lr_scale if k[1] else 1.0}
+        for k in order if k in groups or not k[1]
     ]
 
 
@@ -39,5 +50,6 @@ def lr_at(cfg: TrainConfig, epoch: int, step_in_epoch: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's ``lr`` times each group's ``lr_scale`` (1 when absent)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)

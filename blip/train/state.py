@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_dir
 from ..checkpoint import load_weights, save_model
 from ..model.blip import BlipBase
 
@@ -43,10 +41,8 @@ def save_state(
     position: dict[str, int],
     cfg_hash: str,
 ) -> Path:
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    save_model(model, tmp / "model", tokenizer=tokenizer)
+    """Write the resume directory atomically (``blip.atomic.atomic_dir``): the checkpoint appears
+    whole or not at all."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for i, st in sd["state"].items():
@@ -55,7 +51,6 @@ def save_state(
                 tensors[f"state.{i}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars[f"{i}.{k}"] = v
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
     meta = {
         "position": position,
         "config_hash": cfg_hash,
@@ -63,14 +58,11 @@ def save_state(
         "optimizer_scalars": scalars,
         "torch_rng_sha": hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16],
     }
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-    old = directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)  # the checkpoint appears whole or not at all
-    shutil.rmtree(old, ignore_errors=True)
-    return directory
+    with atomic_dir(directory) as tmp:
+        save_model(model, tmp / "model", tokenizer=tokenizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+    return Path(directory)
 
 
 def read_state(directory: str | Path) -> dict[str, Any] | None:

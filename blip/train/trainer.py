@@ -22,6 +22,7 @@ import torch
 from .. import dist
 from ..checkpoint import save_model
 from ..data.loader import BlipLoader, LoaderConfig
+from ..data.progress import progress_bar
 from ..model.config import BlipConfig
 from ..tokenizer import BlipTokenizer
 from ..track import NullTracker, Tracker, is_main_process
@@ -80,7 +81,7 @@ def train(
     model.to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.vision_lr_scale), lr=cfg.lr)
 
     micro = cfg.batch_size // (world * cfg.grad_accum_steps)
     if micro * world * cfg.grad_accum_steps != cfg.batch_size:
@@ -125,11 +126,7 @@ def train(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
         )
     bf16 = dist.bf16_enabled(cfg.bf16, device)
-    bar = None
-    if main and cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=position["global_step"], desc=cfg.job, unit="step", dynamic_ncols=True)
+    bar = progress_bar(total_steps, main and cfg.progress, cfg.job, unit="step", initial=position["global_step"])
 
     model.train()
     ema: dict[str, float] = {}
@@ -171,9 +168,8 @@ def train(
             for k, v in sums.items():
                 ema[k] = v if k not in ema else 0.9 * ema[k] + 0.1 * v
             rate = steps_timed * cfg.batch_size / (time.perf_counter() - t_start)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()} | {"pairs/s": f"{rate:.0f}"})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()} | {"pairs/s": f"{rate:.0f}"}, refresh=False)
+            bar.update(1)
             if global_step % cfg.log_every == 0 or global_step == total_steps:
                 tracker.log_metrics({**{f"train/{k}": v for k, v in sums.items()}, "train/lr": lr,
                                      "train/alpha": alpha, "train/pairs_per_s": rate}, step=global_step)
@@ -185,8 +181,7 @@ def train(
                 break
             if main and (global_step % cfg.ckpt_every == 0 or step + 1 == steps_per_epoch):
                 save_state(resume_dir, model, tok, optimizer, position, chash)
-    if bar is not None:
-        bar.close()
+    bar.close()
 
     elapsed = time.perf_counter() - t_start
     summary = {

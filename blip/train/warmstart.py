@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..data.progress import progress_bar
 from ..data.render import render
 from ..data.transforms import normalize
 from ..data.world import (
@@ -133,11 +134,7 @@ def warm_start_loop(desc: str, metric: str, cfg, opt: torch.optim.Optimizer, n_t
     steps_per_epoch = n_train // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
     gen = torch.Generator().manual_seed(cfg.seed)
-    bar = None
-    if cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+    bar = progress_bar(total, cfg.progress, desc, unit="step")
     step, t0, loss_ema, first = 0, time.perf_counter(), None, None
     for _epoch in range(cfg.epochs):
         perm = torch.randperm(n_train, generator=gen)
@@ -157,11 +154,9 @@ def warm_start_loop(desc: str, metric: str, cfg, opt: torch.optim.Optimizer, n_t
                 tracker.log_metrics({f"train/{metric}": value, "train/lr": lr}, step=step)
             if on_step is not None:
                 on_step(step)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({metric: f"{loss_ema:.4f}"})
-    if bar is not None:
-        bar.close()
+            bar.set_postfix({metric: f"{loss_ema:.4f}"}, refresh=False)
+            bar.update(1)
+    bar.close()
     return {"steps": step, "first": first, "final": loss_ema, "seconds": time.perf_counter() - t0}
 
 
