@@ -127,7 +127,10 @@ COMPARISONS = (
 #: the share of the oracle's gain CapFilt reaches, both at the baseline's steps:
 #: (equal-steps − baseline) / (oracle − baseline)
 ORACLE_SHARE = ("equal-steps", "oracle", "baseline")
-METRICS = ("test/r_mean", "zeroshot/r_mean", "test/CIDEr", "dataset/noise_ratio", "filter/auc")
+#: ``dataset/noise_ratio`` is Table 2's: the share of synthetic captions the filter rejects;
+#: ``synthetic/true_noise_ratio`` the share that is false of its image (the caption checker)
+METRICS = ("test/r_mean", "zeroshot/r_mean", "test/CIDEr", "dataset/noise_ratio", "synthetic/true_noise_ratio",
+           "filter/auc")
 
 
 def cells_for(tables: list[str]) -> list[Cell]:
@@ -172,6 +175,11 @@ def measure(root: Path, sides: tuple[str, ...] = ("baseline", "capfilt"), ranks_
                 out["capfilt"][f"dataset/{k}"] = ds[k]
         if fq.get("auc") is not None:
             out["capfilt"]["filter/auc"] = fq["auc"]
+        fq_file = root / "metrics" / "filter_quality.json"
+        check = json.loads(fq_file.read_text()).get("synthetic_check") or {} if fq_file.is_file() else {}
+        for k in ("true_noise_ratio", "objects_right", "kept_noise_ratio", "auc_itm"):
+            if isinstance(check.get(k), (int, float)):
+                out["capfilt"][f"synthetic/{k}"] = check[k]
     return out
 
 
@@ -433,8 +441,8 @@ def draw_charts(summary: dict, out_dir: Path, tables: list[str]) -> list[str]:
         names = [c.name for c in CELLS if tab in c.tables and c.name in summary["cells"]]
         if not any(c.tables[0] == tab for c in CELLS if c.name in names):
             continue
-        metrics = [m for m in ("test/r_mean", "zeroshot/r_mean", "dataset/noise_ratio")
-                   if any(summary["cells"][n][m] for n in names)]
+        metrics = [m for m in ("test/r_mean", "zeroshot/r_mean", "dataset/noise_ratio",
+                               "synthetic/true_noise_ratio") if any(summary["cells"][n][m] for n in names)]
         fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
         for ax, m in zip(axes[0], metrics):
             vals = [summary["cells"][n][m] for n in names]

@@ -76,6 +76,7 @@ KNOWN_SCENE_CALLERS = {
     ("blip/evaluate/caption_check.py", "check_synthetic"),  # scene_of_web: the synthetic captions' truth
     ("blip/stages/capfilt.py", "_synthetic_check"),  # check_synthetic: the filter_quality stage's synthetic_check
     ("bench/itm_negatives_table.py", "row"),  # check_synthetic: a bench script's table (--check)
+    ("bench/probe_captioner.py", "check_split"),  # scene_of_web: a bench script checks val captions (recipe choice)
 }
 SCENE_READERS = ("scene_of_web", "check_synthetic")
 

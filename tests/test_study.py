@@ -234,6 +234,7 @@ def test_smoke_study_runs_dvc_experiments_and_writes_the_tables(tmp_path):
     assert len({r["experiment"] for r in rows}) == 2
     beam = next(r for r in rows if r["cell"] == "beam")
     assert beam["sets"]["capfilt.decoding"] == "beam" and "dataset/noise_ratio" in beam["metrics"]
+    assert 0 <= beam["metrics"]["synthetic/true_noise_ratio"] <= 1  # the caption checker's, beside it
     assert beam["metrics"]["repretrain/steps"] > 0 and beam["metrics"]["pretrain/steps"] == 6  # the smoke cap
     kept = {p.name for p in (repo / "study/ranks").iterdir()}  # each side's per-query ranks, for the intervals
     assert kept == {f"{r['experiment']}-{side}.json" for r in rows for side in ("baseline", "capfilt")}

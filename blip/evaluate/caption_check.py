@@ -160,10 +160,12 @@ def generator_config(web_shards):
     return GenerateConfig(**{**raw, "world": WorldConfig(**raw["world"])})
 
 
-def scene_of_web(key: str | int, cfg) -> Scene:
+def scene_of_web(key: str | int, cfg, split: str = "web") -> Scene:
     """The scene of generated web image ``key`` (img2dataset key: 5-digit shard + 4-digit index in
     the shard) or sample ``index`` (int), exactly as ``generator.make_sample`` drew it under
-    ``cfg`` (a ``GenerateConfig``, see :func:`generator_config`). Hidden truth: evaluation only."""
+    ``cfg`` (a ``GenerateConfig``, see :func:`generator_config`). ``split``: another split of the
+    same world (``val``: the captioner's recipe is chosen on its images). Hidden truth:
+    evaluation only."""
     from ..data.generator import _backgrounds  # the split's backgrounds, as make_sample draws them
     from ..data.world import sample_rngs, sample_scene
 
@@ -174,9 +176,10 @@ def scene_of_web(key: str | int, cfg) -> Scene:
         index = int(key[:5]) * cfg.shard_size + int(key[5:])
     else:
         index = int(key)
-    if not 0 <= index < cfg.web:
-        raise KeyError(f"web sample {key!r} (index {index}) is outside the generated web split of {cfg.web} images")
-    return sample_scene(sample_rngs(cfg.seed, "web", index)[0], cfg.world, _backgrounds("web"))
+    if not 0 <= index < cfg.size(split):
+        raise KeyError(f"{split} sample {key!r} (index {index}) is outside the generated {split} split of "
+                       f"{cfg.size(split)} images")
+    return sample_scene(sample_rngs(cfg.seed, split, index)[0], cfg.world, _backgrounds(split))
 
 
 # ---- the synthetic captions of the filter's score tables ---------------------------------------
