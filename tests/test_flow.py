@@ -170,7 +170,7 @@ def test_a_cancelled_flow_run_ends_its_mlflow_parent_killed(prefect, served):
     repo, log = served
     params_before = (repo / "params.yaml").read_bytes()
     p = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "bootstrap/full", "--flow-run-name",
-                        "to-cancel", "--params", json.dumps({"params": {"capfilt.decoding": "beam"}})],
+                        "to-cancel", "--params", json.dumps({"params": {"capfilt.decoding": "nucleus"}})],
                        env=env, capture_output=True, text=True, timeout=120, check=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:  # until a stage task is running
@@ -205,10 +205,10 @@ def test_full_deployment_runs_the_pipeline(prefect, served):
     backup = repo / "params.yaml.flow-backup"  # left by the cancelled run if it was stopped before restoring
     params_before = (backup if backup.exists() else repo / "params.yaml").read_bytes()
 
-    p = _run_deployment(env, "full-beam", {"params": {"capfilt.decoding": "beam"}}, timeout=1200)
+    p = _run_deployment(env, "full-nucleus", {"params": {"capfilt.decoding": "nucleus"}}, timeout=1200)
 
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}\nserve log:\n{log.read_text()[-6000:]}"
-    fr = _flow_run(api_url, "full-beam")
+    fr = _flow_run(api_url, "full-nucleus")
     assert fr["state"]["type"] == "COMPLETED"
 
     # one Completed task run per DVC stage, dependencies first
@@ -218,11 +218,11 @@ def test_full_deployment_runs_the_pipeline(prefect, served):
     assert tasks[0]["name"] == "data" and tasks[-1]["name"] == "report"
 
     # the override went through params.yaml, so DVC recorded it; the file is back as committed, so
-    # the next plain run is not a beam run (DVC sees the decoding-dependent stages as changed)
+    # the next plain run is not a nucleus run (the committed decoding is beam) (DVC sees the decoding-dependent stages as changed)
     assert (repo / "params.yaml").read_bytes() == params_before
     assert not (repo / "params.yaml.flow-backup").exists()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert lock["stages"]["caption"]["params"]["params.yaml"]["capfilt.decoding"] == "beam"
+    assert lock["stages"]["caption"]["params"]["params.yaml"]["capfilt.decoding"] == "nucleus"
     stale = json.loads(run([sys.executable, "-m", "dvc", "status", "dvc.yaml", "--json"], repo).stdout)
     assert "caption" in stale and "data" not in stale and "pretrain" not in stale, stale
 
@@ -231,8 +231,8 @@ def test_full_deployment_runs_the_pipeline(prefect, served):
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags["prefect.flow_run_name"] == "full-beam"
-    assert parent.data.tags["capfilt.decoding"] == "beam"
+    assert parent.data.tags["prefect.flow_run_name"] == "full-nucleus"
+    assert parent.data.tags["capfilt.decoding"] == "nucleus"
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     child_stages = {c.data.tags.get("blip.stage") for c in children}
@@ -259,12 +259,12 @@ def test_full_deployment_runs_the_pipeline(prefect, served):
 
 
 def test_a_plain_run_after_a_parameterised_one_uses_the_committed_params(prefect, served):
-    """A run's parameters do not leak into the next run: after the beam run above, a plain run
+    """A run's parameters do not leak into the next run: after the nucleus run above, a plain run
     of the caption stage captions with the committed decoding."""
     api_url, env = prefect
     repo, log = served
     committed = yaml.safe_load((repo / "params.yaml").read_text())["capfilt"]["decoding"]
-    assert committed != "beam"
+    assert committed != "nucleus"
 
     p = _run_deployment(env, "plain-caption", {"stages": ["caption"]}, timeout=300)
 

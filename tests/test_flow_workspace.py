@@ -52,12 +52,12 @@ def _params(tmp_path: Path) -> Path:
 def test_run_parameters_are_undone_when_the_run_ends_however_it_ends(tmp_path):
     p = _params(tmp_path)
     committed = p.read_bytes()
-    with run_params(p, "smoke", {"capfilt.decoding": "beam"}):
+    with run_params(p, "smoke", {"capfilt.decoding": "nucleus"}):
         during = yaml.safe_load(p.read_text())
-        assert during["capfilt"]["decoding"] == "beam"
+        assert during["capfilt"]["decoding"] == "nucleus"
         assert during["pretrain"]["epochs"] != yaml.safe_load(committed)["pretrain"]["epochs"]  # the smoke sizes
     assert p.read_bytes() == committed
-    with pytest.raises(KeyboardInterrupt), run_params(p, None, {"capfilt.decoding": "beam"}):
+    with pytest.raises(KeyboardInterrupt), run_params(p, None, {"capfilt.decoding": "nucleus"}):
         raise KeyboardInterrupt  # a cancelled run
     assert p.read_bytes() == committed and not p.with_name(p.name + BACKUP_SUFFIX).exists()
 
@@ -66,7 +66,7 @@ def test_parameters_left_by_a_killed_run_are_undone_by_the_next_run(tmp_path):
     p = _params(tmp_path)
     committed = p.read_bytes()
     p.with_name(p.name + BACKUP_SUFFIX).write_bytes(committed)  # what a SIGKILLed run leaves: its edit + the copy
-    p.write_text(p.read_text().replace("decoding: nucleus", "decoding: beam"))
+    p.write_text(p.read_text().replace("decoding: beam", "decoding: nucleus"))
     with run_params(p, None, None):  # a plain run
-        assert yaml.safe_load(p.read_text())["capfilt"]["decoding"] == "nucleus"
+        assert yaml.safe_load(p.read_text())["capfilt"]["decoding"] == "beam"
     assert p.read_bytes() == committed

@@ -98,12 +98,12 @@ def test_dvc_repro_loop_then_nothing_then_only_what_a_factor_touches_then_killed
     run(["git", "commit", "-q", "-m", "smoke loop"], repo)
     captions_before = lock_md5(repo, "data/capfilt/captions")
     pretrain_before = lock_md5(repo, "models/pretrain")
-    exp = dvc(repo, "exp", "run", "-S", "capfilt.decoding=beam")
+    exp = dvc(repo, "exp", "run", "-S", "capfilt.decoding=nucleus")  # the committed decoding is beam
     ran = ran_stages(exp.stdout)
     # only what reads the captions reruns; DVC stops early where an output comes out identical
     # (the smoke filter may drop every text under both decodings: same dataset, same models)
     assert {"caption", "filter", "assemble"} <= ran <= DECODING_DOWNSTREAM, ran
-    assert yaml.safe_load((repo / "params.yaml").read_text())["capfilt"]["decoding"] == "beam"
+    assert yaml.safe_load((repo / "params.yaml").read_text())["capfilt"]["decoding"] == "nucleus"
     assert lock_md5(repo, "models/pretrain") == pretrain_before
     assert lock_md5(repo, "data/capfilt/captions") != captions_before
     shown = dvc(repo, "exp", "show", "--no-pager", "--csv").stdout
@@ -144,8 +144,8 @@ def _check_mlflow(repo) -> None:
     assert tags["git.commit"] == head
     assert tags["dvc.dataset_md5"] == lock_md5(repo, "data/capfilt/dataset")
     assert {tags[k] for k in ("capfilt.parts", "capfilt.decoding", "capfilt.models", "model.sharing")} == \
-        {"both", "nucleus", "decoupled", "all_except_sa"}
-    assert parent.data.params["pretrain.max_steps"] == "6" and parent.data.params["capfilt.decoding"] == "nucleus"
+        {"both", "beam", "decoupled", "all_except_sa"}
+    assert parent.data.params["pretrain.max_steps"] == "6" and parent.data.params["capfilt.decoding"] == "beam"
     assert "capfilt/test/r_mean" in parent.data.metrics and "baseline/test/CIDEr" in parent.data.metrics
 
     pre = children["pretrain"]
