@@ -96,3 +96,12 @@ def test_report_shows_the_paired_interval_and_the_detectable_effect_and_refuses_
         report(None, params, NullTracker(), ranks=[f"baseline={b}", f"capfilt={other}"], **args)
     with pytest.raises(StageError, match="exactly two"):
         report(None, params, NullTracker(), ranks=[f"baseline={b}"], **args)
+
+
+def test_dataset_table_shows_the_true_synthetic_noise_ratio_beside_table_2s():
+    """Table 2's "noise ratio" is what the filter rejects; the caption checker's true ratio sits beside it."""
+    from blip.evaluate.report import dataset_table
+
+    ds = {"use_filter": True, "noise_ratio": 0.044, "web_drop_ratio": 0.27, "sources": {}}
+    assert "the share the filter rejects): 0.044; true noise ratio (caption checker): 0.744" in dataset_table(ds, 0.744)
+    assert "true noise ratio" not in dataset_table(ds)  # real data: no scenes to check against

@@ -136,8 +136,10 @@ def filter_by_kind(fq: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
-def dataset_table(ds: Mapping) -> str:
-    """The bootstrapped dataset: per source, input = kept + dropped, and why texts were dropped."""
+def dataset_table(ds: Mapping, true_noise_ratio: float | None = None) -> str:
+    """The bootstrapped dataset: per source, input = kept + dropped, and why texts were dropped.
+    ``true_noise_ratio``: the caption checker's share of synthetic captions false of their scene,
+    shown beside Table 2's "noise ratio" (the share the filter rejects, all the paper could see)."""
     units = ds.get("units") or {}
     lines = ["| source | unit | input | kept | dropped | dropped by |", "|---|---|---:|---:|---:|---|"]
     for source, v in (ds.get("sources") or {}).items():
@@ -148,7 +150,9 @@ def dataset_table(ds: Mapping) -> str:
         f"**oracle: an evaluation instrument, not a filter.** Web texts decided by {ds['web_decided_by']}; "
         f"synthetic texts by {ds.get('synthetic_decided_by', 'the filter')}. It bounds what a perfect web filter "
         "could buy in this world."]
-    extra += [f"noise ratio of the synthetic captions (Table 2): {_cell(ds.get('noise_ratio'), 3)}",
+    true = "" if true_noise_ratio is None else f"; true noise ratio (caption checker): {_cell(true_noise_ratio, 3)}"
+    extra += [f"noise ratio of the synthetic captions (Table 2: the share the filter rejects): "
+              f"{_cell(ds.get('noise_ratio'), 3)}{true}",
               f"web texts the filter rejects: {_cell(ds.get('web_drop_ratio'), 3)}"
               + (" (not dropped: the filter is off in this run)" if not ds.get("use_filter", True) else
                  " (not applied to web texts: the oracle's labels decide them)" if ds.get("web_decided_by") else ""),

@@ -140,7 +140,8 @@ def report(stage, params: Params, tracker: Tracker, *, metrics: list[str], out: 
         parts.append(f"![CapFilt: web and synthetic texts, kept (green) and dropped (red)]({rel})\n")
         tracker.log_artifact(gallery)
     if "dataset" in extra:
-        parts.append(f"## The bootstrapped dataset\n\n{dataset_table(extra['dataset'])}")
+        check = (extra.get("filter_quality") or {}).get("synthetic_check") or {}
+        parts.append(f"## The bootstrapped dataset\n\n{dataset_table(extra['dataset'], check.get('true_noise_ratio'))}")
     parts.append(f"## All downstream metrics\n\n{metrics_table(runs)}")
     md5 = lock_md5(dataset, lock) if dataset else None  # the bootstrapped dataset's version
     times = tracker.stage_durations()
