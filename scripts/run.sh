@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up the environment and run the main job: the default bootstrap, `dvc repro` of dvc.yaml
-# (generated data, tiny model, CPU; ~20 min on 2 cores with AVX512-BF16). Extra arguments go to `dvc repro`.
+# (generated data, tiny model, CPU; ~25 min on 2 cores with AVX512-BF16, longer without). Extra arguments go to `dvc repro`.
 # Results: report.md, metrics/, plots/; MLflow store: mlflow.db (see README: "Look at the runs").
 set -euo pipefail
 cd "$(dirname "$0")/.."
