@@ -28,6 +28,17 @@ def test_table_side_by_side_with_delta_and_notes():
     )
 
 
+def test_a_splits_skipped_metrics_are_notes_not_a_row_of_reasons():
+    """Evaluation writes ``test/skipped``; its reasons go under the table once, so no table line
+    repeats a long reason per column (a DVC log keeps report lines under 300 characters)."""
+    why = "needs the Stanford CoreNLP 3.6.0 models, which pycocoevalcap downloads on first use; " * 2
+    runs = {"baseline": {"test/CIDEr": 1.7, "test/skipped": {"SPICE": why}},
+            "capfilt": {"test/CIDEr": 1.8, "test/skipped": {"SPICE": why}}}
+    got = metrics_table(runs)
+    assert got.splitlines()[2:] == ["| test/CIDEr | 1.70 | 1.80 |", "", f"- test/SPICE skipped (baseline, capfilt): {why}"]
+    assert "test/skipped" not in flatten(runs["baseline"])
+
+
 def test_rows_digits_nesting_and_escaping():
     m = {"auc": 0.91234, "per_kind": {"spam": {"recall": 1.0, "count": 3}}, "note": "a|b", "ok": True}
     assert flatten(m) == {"auc": 0.91234, "per_kind.spam.recall": 1.0, "per_kind.spam.count": 3, "note": "a|b",

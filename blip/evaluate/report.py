@@ -13,8 +13,22 @@ NOTES_KEY = "skipped"  # {metric: reason}, as the evaluators return it: rendered
 
 def flatten(metrics: Mapping, prefix: str = "") -> dict[str, object]:
     """Nested dicts to dotted keys: ``{"per_kind": {"spam": {"recall": 1}}}`` -> ``per_kind.spam.recall``.
-    ``skipped`` entries are left out (see :func:`metrics_table`)."""
-    return _flatten(dict(metrics), ".", prefix, skip=(NOTES_KEY,))
+    ``skipped`` entries (also a split's, ``test/skipped``) are left out (see :func:`metrics_table`)."""
+    return _flatten({k: v for k, v in metrics.items() if not _is_notes(k)}, ".", prefix, skip=(NOTES_KEY,))
+
+
+def _is_notes(key: str) -> bool:
+    return key == NOTES_KEY or key.endswith("/" + NOTES_KEY)
+
+
+def _notes(metrics: Mapping) -> dict[str, str]:
+    """``{metric: reason}`` of every ``skipped`` entry, a split's named with its prefix
+    (``{"test/skipped": {"SPICE": why}}`` -> ``{"test/SPICE": why}``)."""
+    out: dict[str, str] = {}
+    for k, v in metrics.items():
+        if _is_notes(k) and isinstance(v, Mapping):
+            out.update({f"{k[: -len(NOTES_KEY)]}{metric}": str(why) for metric, why in v.items()})
+    return out
 
 
 def _cell(v, digits: int) -> str:
@@ -69,8 +83,8 @@ def metrics_table(
         lines.append("| " + " | ".join(cells) + " |")
     notes: dict[tuple[str, str], list[str]] = {}
     for n in names:
-        for metric, why in (columns[n].get(NOTES_KEY) or {}).items():
-            notes.setdefault((metric, str(why)), []).append(n)
+        for metric, why in _notes(columns[n]).items():  # one line each, never a table row of reasons
+            notes.setdefault((metric, why), []).append(n)
     if notes:
         lines.append("")
         for (metric, why), cols in notes.items():
@@ -171,8 +185,9 @@ def synthetic_check_table(sc: Mapping) -> str:
     itc = f", ITC cosine {_cell(sc['auc_itc'], 3)}" if "auc_itc" in sc else ""
     lines = [f"True synthetic noise ratio **{_cell(sc.get('true_noise_ratio'), 3)}** (captions false of their "
              f"scene) vs filter-rejected ratio {_cell(sc.get('filter_rejected_ratio'), 3)} (p(match) < "
-             f"{_cell(sc.get('threshold'), 2)}); false among the kept: {_cell(sc.get('kept_noise_ratio'), 3)}. "
-             f"ROC-AUC of the filter, true against false captions: ITM **{_cell(sc.get('auc_itm'), 3)}**{itc}. "
+             f"{_cell(sc.get('threshold'), 2)}); false among the kept: {_cell(sc.get('kept_noise_ratio'), 3)}.",
+             # one sentence a line (one paragraph in markdown): the stage prints the report into logs
+             f"ROC-AUC of the filter, true against false captions: ITM **{_cell(sc.get('auc_itm'), 3)}**{itc}.",
              f"{_cell(sc.get('n'), 0)} captions of {_cell(sc.get('n_images'), 0)} images; right objects "
              f"(count, colour, shape) {_cell(sc.get('objects_right'), 3)}.", "",
              "| label | captions | fraction | kept by the filter |", "|---|---:|---:|---:|"]
