@@ -248,3 +248,55 @@ def test_vision_lr_scale_slows_only_the_vit():
     w.grad = torch.ones_like(w)
     opt.step()
     assert (before - w.detach()).abs().max().item() == pytest.approx(3e-4, rel=0.05)
+
+
+@pytest.mark.parametrize("arch", ["BlipPretrain", "BlipRetrieval"])
+def test_vision_lr_scale_zero_freezes_the_vit_and_reuses_its_features_as_the_momentum_vits(arch):
+    """``vision_lr_scale: 0`` locks the ViT (LiT): it has no gradient and no optimizer state, its
+    momentum copy is the ViT itself, and the frozen model's losses equal those of an unfrozen twin
+    on the first step (the momentum ViT's features are reused exactly, not approximated) — while
+    the text side keeps learning."""
+    from helpers_model import text_inputs
+
+    from blip.model.blip import MODEL_CLASSES
+
+    torch.manual_seed(0)
+    twin = MODEL_CLASSES[arch](micro_config())
+    frozen = MODEL_CLASSES[arch](micro_config())
+    frozen.load_state_dict(twin.state_dict())
+    with torch.no_grad():  # a momentum ViT that drifted from the ViT: freezing re-copies it
+        for p in frozen.visual_encoder_m.parameters():
+            p.add_(0.01)
+    frozen.freeze_vision()
+    assert frozen.vision_frozen and not twin.vision_frozen
+    for a, b in zip(frozen.visual_encoder.parameters(), frozen.visual_encoder_m.parameters()):
+        assert torch.equal(a, b)
+    groups = param_groups(frozen, 0.05, vision_lr_scale=0.0)
+    trained = {id(p) for g in groups for p in g["params"]}
+    assert not any(id(p) in trained for p in frozen.visual_encoder.parameters())
+
+    image = torch.randn(6, 3, 32, 32)
+    ids, mask = text_inputs(6, 12)
+    extra = {"idx": torch.tensor([0, 0, 1, 2, 3, 4])} if arch == "BlipRetrieval" else {}
+    vit_before = [p.detach().clone() for p in frozen.visual_encoder.parameters()]
+    text_before = frozen.text_proj.weight.detach().clone()
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    for step in range(3):
+        torch.manual_seed(step)
+        losses = frozen(image, ids, mask, **extra)
+        if step == 0:
+            torch.manual_seed(step)
+            ref = twin(image, ids, mask, **extra)
+            for k in ref:
+                torch.testing.assert_close(losses[k], ref[k], msg=f"{arch} {k}")
+        sum(losses.values()).backward()
+        assert all(p.grad is None for p in frozen.visual_encoder.parameters())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for a, b in zip(vit_before, frozen.visual_encoder.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(frozen.visual_encoder.parameters(), frozen.visual_encoder_m.parameters()):
+        assert torch.equal(a, b)
+    assert not torch.equal(text_before, frozen.text_proj.weight)
+    with pytest.raises(ValueError, match=r"in \[0, 10\]"):
+        TrainConfig(vision_lr_scale=-0.1)

@@ -34,7 +34,21 @@ class BlipBase(nn.Module):
     # -- encoders --------------------------------------------------------------------------
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` → image tokens ``(B, 1 + N, D_v)``."""
+        if self.vision_frozen:
+            with torch.no_grad():
+                return self.visual_encoder(image)
         return self.visual_encoder(image)
+
+    @property
+    def vision_frozen(self) -> bool:
+        return getattr(self, "_vision_frozen", False)
+
+    def freeze_vision(self) -> None:
+        """Train everything but the ViT (LiT's locked image tower): it keeps what its warm start
+        sees, and neither its backward pass nor its momentum copy costs anything."""
+        for p in self.visual_encoder.parameters():
+            p.requires_grad_(False)
+        self._vision_frozen = True
 
     def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Normalised ITC image features ``(B, E)`` from the class token."""
@@ -146,6 +160,13 @@ class MomentumITC(BlipBase):
             self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -100, dtype=torch.long))
         self.register_buffer(self.ptr_name, torch.zeros(1, dtype=torch.long))
 
+    def freeze_vision(self) -> None:
+        """As :meth:`BlipBase.freeze_vision`; the momentum ViT becomes an exact copy of the frozen
+        one, so its features are the ViT's own and are not computed twice."""
+        super().freeze_vision()
+        self.visual_encoder_m.load_state_dict(self.visual_encoder.state_dict())
+        self._pairs = None
+
     def _build_momentum(self) -> None:
         """Momentum copies start as exact copies and never receive gradients (``copy_params``)."""
         for name, name_m in self.momentum_pairs:
@@ -159,6 +180,8 @@ class MomentumITC(BlipBase):
         if getattr(self, "_pairs", None) is None:
             src, dst = [], []
             for name, name_m in self.momentum_pairs:
+                if self.vision_frozen and name == "visual_encoder":
+                    continue  # a frozen ViT's momentum copy is the ViT
                 a, b = dict(getattr(self, name).named_parameters()), dict(getattr(self, name_m).named_parameters())
                 assert a.keys() == b.keys(), f"{name} and {name_m} differ in structure"
                 src += [a[k] for k in a]
@@ -173,8 +196,15 @@ class MomentumITC(BlipBase):
         torch._foreach_lerp_(dst, [p.detach() for p in src], 1.0 - self.cfg.momentum)
 
     @torch.no_grad()
-    def momentum_features(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        image_embeds_m = self.visual_encoder_m(image)
+    def momentum_features(
+        self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+    ):
+        """Momentum ITC features; a frozen ViT's ``image_embeds`` stand for the momentum ViT's."""
+        if self.vision_frozen and image_embeds is not None:
+            image_embeds_m = image_embeds.detach()
+        else:
+            image_embeds_m = self.visual_encoder_m(image)
         image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]).float(), dim=-1)
         h = self.text_encoder_m(input_ids, attention_mask, Role.TEXT, first_only=True)
         text_feat_m = F.normalize(self.text_proj_m(h[:, 0]).float(), dim=-1)
@@ -220,6 +250,7 @@ class MomentumITC(BlipBase):
         alpha: float,
         idx: torch.Tensor | None,
         use_idx_queue: bool,
+        image_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """ITC loss against every rank's momentum features plus the queues, then enqueue.
 
@@ -234,7 +265,7 @@ class MomentumITC(BlipBase):
         B = image.shape[0]
         with torch.no_grad():
             self.momentum_update()
-            image_feat_m, text_feat_m = self.momentum_features(image, input_ids, attention_mask)
+            image_feat_m, text_feat_m = self.momentum_features(image, input_ids, attention_mask, image_embeds)
             image_m_g, text_m_g = dist.concat_all_gather(image_feat_m), dist.concat_all_gather(text_feat_m)
             image_feat_all = torch.cat([image_m_g.T, self.image_queue.clone()], dim=1)
             text_feat_all = torch.cat([text_m_g.T, self.text_queue.clone()], dim=1)
@@ -329,7 +360,8 @@ class BlipPretrain(CaptionMixin, MomentumITC):
         image_feat = self.image_features(image_embeds)
         text_feat = self.text_features(input_ids, attention_mask)
         loss_itc, sim_i2t, sim_t2i, off = self.itc_step(
-            image, input_ids, attention_mask, image_feat, text_feat, alpha, idx, use_idx_queue=False
+            image, input_ids, attention_mask, image_feat, text_feat, alpha, idx, use_idx_queue=False,
+            image_embeds=image_embeds,
         )
 
         with torch.no_grad():  # §3.4: hard negatives by ITC similarity within the local batch
@@ -377,7 +409,8 @@ class BlipRetrieval(MomentumITC):
         image_feat = self.image_features(image_embeds)
         text_feat = self.text_features(input_ids, attention_mask)
         loss_itc, _, _, _ = self.itc_step(
-            image, input_ids, attention_mask, image_feat, text_feat, alpha, idx, use_idx_queue=True
+            image, input_ids, attention_mask, image_feat, text_feat, alpha, idx, use_idx_queue=True,
+            image_embeds=image_embeds,
         )
 
         if self.negative_all_rank and dist.world_size() > 1:

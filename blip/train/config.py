@@ -50,7 +50,7 @@ class TrainConfig:
     batch_size: int = 32
     grad_accum_steps: int = 1
     lr: float = 3e-4  # init_lr
-    vision_lr_scale: float = 1.0  # the ViT's lr as a fraction of lr (a warm ViT beside text towers from scratch)
+    vision_lr_scale: float = 1.0  # the ViT's lr as a fraction of lr (a warm ViT beside text towers from scratch); 0: frozen
     min_lr: float = 1e-6
     warmup_lr: float = 1e-6
     warmup_steps: int = 3000  # linear warm-up in epoch 0 (step schedule)
@@ -88,8 +88,9 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.itm_negatives not in ITM_NEGATIVES:
             raise ValueError(f"itm_negatives={self.itm_negatives!r} unknown; use one of {ITM_NEGATIVES}")
-        if not 0.0 < self.vision_lr_scale <= 10.0:
-            raise ValueError(f"vision_lr_scale={self.vision_lr_scale}: the ViT's lr as a fraction of lr, in (0, 10]")
+        if not 0.0 <= self.vision_lr_scale <= 10.0:
+            raise ValueError(f"vision_lr_scale={self.vision_lr_scale}: the ViT's lr as a fraction of lr, in [0, 10] "
+                             "(0: the ViT frozen)")
         if not 0.0 <= self.max_skipped_fraction <= 1.0:
             raise ValueError(f"max_skipped_fraction={self.max_skipped_fraction}: a fraction in [0, 1] (1: never fail)")
         if self.image_size is not None and self.image_size < 16:

@@ -79,6 +79,8 @@ def train(
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model, tok = build_model(cfg, init, model_cfg, tokenizer, vision_init, text_init)
     model.to(device)
+    if cfg.vision_lr_scale == 0:
+        model.freeze_vision()
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.vision_lr_scale), lr=cfg.lr)
