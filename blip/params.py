@@ -128,11 +128,14 @@ class EvaluateParams:
     caption_split: str = "test"
     batch_size: int = 64
     meteor: bool | str = "auto"  # auto (when Java is there) | true | false (METEOR needs Java)
+    bf16: bool | str = False  # retrieval's ITC/ITM forwards under bfloat16 autocast (auto: where native)
     device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.meteor not in ("auto", True, False):
             raise ValueError(f"meteor={self.meteor!r}: use auto, true or false")
+        if self.bf16 not in ("auto", True, False):
+            raise ValueError(f"bf16={self.bf16!r}: use auto, true or false")
         if self.k_test < 1:
             raise ValueError(f"k_test={self.k_test}: must be >= 1")
 

@@ -63,6 +63,8 @@ def test_repository_params_files_are_valid(tmp_path):
         ("capfilt.models", "tied", "models='tied' unknown; use one of ('decoupled', 'shared')"),
         ("caption.method", "beam", "caption.method is set by capfilt.decoding"),
         ("evaluate.k_test", "many", "evaluate.k_test='many': expected int"),
+        ("evaluate.bf16", "half", "bf16='half': use auto, true or false"),
+        ("pretrain.vision_lr_scale", -1, "vision_lr_scale=-1: the ViT's lr as a fraction of lr, in [0, 10]"),
         ("nonsense.key", 1, "unknown section 'nonsense'"),
         ("compute.nproc_per_node", 0, "nproc_per_node=0: an integer >= 1 or 'auto'"),
         ("pretrain.job", "finetune_filter", "pretrain.job is set by the section's name"),
@@ -126,3 +128,18 @@ def test_pretrain_on_a_mistyped_folder_fails_naming_it_before_any_work(capsys, t
     err = capsys.readouterr().err
     assert "genrated/web' does not exist" in err and "check the path" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_paper_variant_is_blips_recipe_whatever_the_embedded_defaults(tmp_path):
+    """The embedded defaults lock the ViT and draw ITM negatives uniformly (chosen on val for a tiny
+    model beside a warm ViT); the `paper` overlay must undo every such choice, key by key."""
+    (tmp_path / "params.yaml").write_text(Path("params.yaml").read_text())
+    (tmp_path / "params-paper.yaml").write_text(Path("params-paper.yaml").read_text())
+    paper = params_module.apply_variant(tmp_path / "params.yaml", "paper")
+    for section in ("pretrain", "repretrain", "finetune_captioner", "finetune_filter", "finetune_shared"):
+        assert paper.train(section).vision_lr_scale == 1.0, section
+    for section in ("pretrain", "repretrain", "finetune_filter", "finetune_shared"):
+        assert paper.train(section).itm_negatives == "hard", section
+    assert (paper.pretrain.lr, paper.finetune_captioner.lr, paper.finetune_filter.lr) == (3e-4, 1e-5, 1e-5)
+    assert (paper.finetune_captioner.min_scale, paper.caption.max_length, paper.evaluate.k_test) == (0.5, 20, 256)
+    assert not paper.warmstart_vision.enabled

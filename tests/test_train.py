@@ -300,3 +300,22 @@ def test_vision_lr_scale_zero_freezes_the_vit_and_reuses_its_features_as_the_mom
     assert not torch.equal(text_before, frozen.text_proj.weight)
     with pytest.raises(ValueError, match=r"in \[0, 10\]"):
         TrainConfig(vision_lr_scale=-0.1)
+
+
+def test_a_locked_vit_comes_out_of_training_as_it_went_in(world, tmp_path):
+    """Through the trainer: a captioner fine-tuned with ``vision_lr_scale: 0`` keeps its pre-trained
+    ViT bit for bit (and its decoder learns); with the default scale the ViT moves."""
+    root, tok = world
+    cfg = TrainConfig(job="pretrain", epochs=1, batch_size=32, max_steps=2, progress=False)
+    train(cfg, [root / "human"], tmp_path / "pre", model_cfg=_tiny(tok), tokenizer=tok)
+    pre = load_model(tmp_path / "pre")
+    for scale in (0.0, 1.0):
+        cfg = TrainConfig(job="finetune_captioner", epochs=1, batch_size=32, max_steps=3, lr=1e-3,
+                          vision_lr_scale=scale, progress=False)
+        train(cfg, root / "human", tmp_path / f"cap{scale}", init=tmp_path / "pre")
+        cap = load_model(tmp_path / f"cap{scale}")
+        vit_same = all(torch.equal(a, b) for a, b in zip(pre.visual_encoder.state_dict().values(),
+                                                          cap.visual_encoder.state_dict().values()))
+        assert vit_same == (scale == 0.0), scale
+        assert not torch.equal(pre.text_decoder.cls.predictions.transform.dense.weight,
+                               cap.text_decoder.cls.predictions.transform.dense.weight)

@@ -17,9 +17,11 @@ def evaluate(stage, params: Params, tracker: Tracker, *, data: str, out: str, re
     """``ranks``: also write the per-query retrieval ranks, ``{split: {"txt_ranks", "img_ranks",
     "txt2img", "image_ids"}}`` (``blip.evaluate.retrieval.evaluate_retrieval_ranks``), the input
     of the report's paired bootstrap intervals."""
+    import torch
+
     from ..checkpoint import load_model
     from ..data.layout import gt_path, split_dir
-    from ..dist import resolve_device
+    from ..dist import bf16_enabled, resolve_device
     from ..evaluate.captioning import evaluate_captioning
     from ..evaluate.retrieval import evaluate_retrieval_ranks
     from ..tokenizer import BlipTokenizer
@@ -33,9 +35,12 @@ def evaluate(stage, params: Params, tracker: Tracker, *, data: str, out: str, re
         model = load_model(retrieval).to(device)
         tok = BlipTokenizer.load(Path(retrieval) / "tokenizer")
         per_query = {}
+        bf16 = bf16_enabled(ev.bf16, device)
         for split in ev.retrieval_splits:
-            r, per_query[split] = evaluate_retrieval_ranks(model, tok, split_dir(data, split), k=ev.k_test,
-                                                           batch_size=ev.batch_size, device=device)
+            # captioning stays fp32: its beams gained nothing from bf16 (docs/recipe.md §0.10)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                r, per_query[split] = evaluate_retrieval_ranks(model, tok, split_dir(data, split), k=ev.k_test,
+                                                               batch_size=ev.batch_size, device=device)
             metrics.update({f"{split}/{k}": v for k, v in r.items()})
         if ranks:
             write_json(ranks, per_query)
