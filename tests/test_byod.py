@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import sys
 import tarfile
@@ -130,13 +131,19 @@ def _check_clean(repo: Path, web: Path) -> dict:
     return stats
 
 
-def test_byod_cleans_generated_and_img2dataset_shards_with_released_checkpoints(tmp_path):
+def _repo_shards_and_checkpoints(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
+    """A project repo, 14 generated web images in two shards, and the released-checkpoint stand-ins
+    (their vocabulary from those shards' texts)."""
     repo = make_repo(tmp_path / "repo", variant=None)
     generate(GenerateConfig(web=14, shard_size=7), str(tmp_path / "gen"), splits=("web",), processes=1, progress=False)
     web = tmp_path / "gen" / "web"
     texts = [json.loads(s.fields["json"])["caption"] for t in sorted(web.glob("*.tar"))
              for s in iter_shard_samples(str(t)) if isinstance(s, RawSample)]
-    ck = _checkpoints(tmp_path / "checkpoints", build_tokenizer(texts * 5, vocab_size=200))
+    return repo, web, _checkpoints(tmp_path / "checkpoints", build_tokenizer(texts * 5, vocab_size=200))
+
+
+def test_byod_cleans_generated_and_img2dataset_shards_with_released_checkpoints(tmp_path):
+    repo, web, ck = _repo_shards_and_checkpoints(tmp_path)
 
     # 1. the official .pth pair on the generated shards
     _set(repo, capfilt={"captioner": ck["official_captioner"], "filter": ck["official_filter"]},
@@ -156,3 +163,59 @@ def test_byod_cleans_generated_and_img2dataset_shards_with_released_checkpoints(
     second = _check_clean(repo, tmp_path / "laion-like")
     assert second["sources"]["web"]["input"] == 14
     assert (repo / "data").exists() is False  # nothing of the main loop ran
+
+
+def _clean_samples(repo: Path) -> list[dict]:
+    import webdataset as wds
+
+    tars = sorted(str(p) for p in (repo / "byod" / "data" / "clean").glob("*.tar"))
+    return [s["json"] for s in wds.WebDataset(tars, shardshuffle=False, empty_check=False).decode()]
+
+
+def _ran(out: str) -> set[str]:
+    return set(re.findall(r"Running stage '(?:byod/dvc.yaml:)?([^']+)'", out))
+
+
+def test_byod_with_four_candidates_runs_every_rule_and_a_rule_change_reruns_assemble_alone(tmp_path):
+    """Issue 20: ``caption.candidates: 4`` and each ``assemble.rule`` through `dvc repro byod/dvc.yaml`,
+    on the generated shards and on an img2dataset-shaped folder; changing only the rule re-runs
+    only ``assemble`` (the captions and scores are DVC-cached stage outputs)."""
+    repo, web, ck = _repo_shards_and_checkpoints(tmp_path)
+    _set(repo, capfilt={"captioner": ck["official_captioner"], "filter": ck["official_filter"], "decoding": "nucleus"},
+         model={"vocab_file": ck["vocab"]}, data={"web": str(web)}, caption={"candidates": 4},
+         assemble={"rule": "threshold", "dedup": "none"})
+    out = run([sys.executable, "-m", "dvc", "repro", "byod/dvc.yaml"], repo, BLIP_MLFLOW="0").stdout
+    assert {"caption", "filter", "assemble"} <= _ran(out)
+    stats = json.loads((repo / "byod" / "metrics" / "clean.json").read_text())
+    assert stats["sources"]["web"]["input"] == 14 and stats["candidates"] == 4
+    syn = stats["sources"]["synthetic"]
+    assert syn["input"] == 4 * 14 and syn["kept"] + syn["dropped"] == syn["input"]
+    threshold = stats["rule"]["threshold"]
+    assert all(m["itm"] >= threshold for m in _clean_samples(repo))
+
+    for rule, extra in (("top_k", {"top_k": 2}), ("fraction", {"fraction": 0.3}), ("replace", {})):
+        _set(repo, assemble={"rule": rule, **extra})
+        out = run([sys.executable, "-m", "dvc", "repro", "byod/dvc.yaml"], repo, BLIP_MLFLOW="0").stdout
+        assert _ran(out) == {"assemble"}, (rule, out)
+        stats = json.loads((repo / "byod" / "metrics" / "clean.json").read_text())
+        samples = _clean_samples(repo)
+        per_image = Counter(m["orig_key"] for m in samples)
+        kept = stats["sources"]["web"]["kept"] + stats["sources"]["synthetic"]["kept"]
+        assert stats["rule"]["name"] == rule and len(samples) == kept
+        if rule == "top_k":  # web text + up to 4 distinct candidates per image: exactly 2 kept of each
+            assert set(per_image.values()) == {2} and len(per_image) == 14
+        elif rule == "fraction":
+            assert kept == math.floor(0.3 * stats["rule"]["n_texts"] + 0.5) == stats["rule"]["n_keep"]
+        else:  # replace: one text per image, and a web text only where the filter passed it
+            assert max(per_image.values()) == 1
+            assert all(m["itm"] >= threshold for m in samples if m["caption_source"] == "web")
+
+    _img2dataset_folder(web, tmp_path / "laion-like")
+    _set(repo, data={"web": str(tmp_path / "laion-like")}, assemble={"rule": "top_k", "top_k": 2})
+    out = run([sys.executable, "-m", "dvc", "repro", "byod/dvc.yaml"], repo, BLIP_MLFLOW="0").stdout
+    assert {"caption", "filter", "assemble"} <= _ran(out)
+    stats = json.loads((repo / "byod" / "metrics" / "clean.json").read_text())
+    assert stats["sources"]["synthetic"]["input"] == 4 * 14
+    per_image = Counter(m["orig_key"] for m in _clean_samples(repo))
+    assert set(per_image.values()) == {2} and len(per_image) == 14
+    assert all(key.startswith("0000") for key in per_image)  # the folder's own keys

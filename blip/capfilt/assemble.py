@@ -349,11 +349,10 @@ def _check_out_dir(out_dir: str, inputs: list[str]) -> None:
 
 def _candidates_per_image(scores: str) -> int:
     """Texts drawn per image in a score table: ``cand_drawn`` (``caption.candidates``), else 1."""
-    names = pq.read_schema(scores).names
-    if "cand_drawn" not in names:
+    table = read_scores(scores, columns=["cand_drawn"])  # the one score-table reader
+    if "cand_drawn" not in table.column_names:
         return 1
-    drawn = [n for n in pq.read_table(scores, columns=["cand_drawn"]).column(0).to_pylist() if n is not None]
-    return max(drawn, default=1)
+    return max((n for n in table.column(0).to_pylist() if n is not None), default=1)
 
 
 def _tasks(cfg: AssembleConfig, human: list[str], web: list[str], scores_dir: str,
