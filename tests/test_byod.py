@@ -221,3 +221,45 @@ def test_byod_with_four_candidates_runs_every_rule_and_a_rule_change_reruns_asse
         assert syn["input"] == 4 * 14 and syn["kept"] + syn["dropped"] == syn["input"]
         assert {m["orig_key"] for m in _clean_samples(repo)} <= set(_inputs(folder))  # the folder's own keys
         _each_rule_reruns_assemble_alone(repo, 14, stats["rule"]["threshold"])
+
+
+def _plant_copies(web: Path, n: int) -> list[tuple[str, str]]:
+    """Give the first ``n`` samples of the second shard the image bytes of the first shard's first
+    ``n`` (other keys, urls and texts): exact image duplicates across shards. Returns (copy, original)."""
+    first, second = sorted(web.glob("*.tar"))[:2]
+    originals = [s for s in iter_shard_samples(str(first)) if isinstance(s, RawSample)][:n]
+    with tarfile.open(second) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    keys = list(dict.fromkeys(m.name.rsplit(".", 1)[0] for m, _ in members))[:n]
+    swap = {f"{k}.jpg": o.fields["jpg"] for k, o in zip(keys, originals)}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for m, data in members:
+            data = swap.get(m.name, data)
+            m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    second.write_bytes(buf.getvalue())
+    return [(k, o.key) for k, o in zip(keys, originals)]
+
+
+def test_byod_drops_and_counts_planted_duplicate_images(tmp_path):
+    """``assemble.dedup: image`` (byod's default): the later copy of an image is dropped with all
+    its texts, counted in ``stats.json`` and named in the manifest with the copy it duplicates."""
+    repo, web, ck = _repo_shards_and_checkpoints(tmp_path)
+    planted = _plant_copies(web, 2)
+    _set(repo, capfilt={"captioner": ck["official_captioner"], "filter": ck["official_filter"]},
+         model={"vocab_file": ck["vocab"]}, data={"web": str(web)}, assemble={"dedup": "image"})
+    run([sys.executable, "-m", "dvc", "repro", "byod/dvc.yaml"], repo, BLIP_MLFLOW="0")
+    stats = json.loads((repo / "byod" / "metrics" / "clean.json").read_text())
+    assert stats["dedup"]["n_duplicates"] == 2 and stats["dedup"]["n_groups"] == 2
+    for source in ("web", "synthetic"):
+        s = stats["sources"][source]
+        assert s["input"] == 14 and s["kept"] + s["dropped"] == 14
+        assert s["dropped_by"].get("duplicate_image") == 2, (source, s)
+    kept_keys = {m["orig_key"] for m in _clean_samples(repo)}
+    rows = {r["key"]: r for p in sorted((repo / "byod" / "data" / "clean" / "manifest").glob("web-*.parquet"))
+            for r in pq.read_table(p).to_pylist()}
+    for copy, original in planted:
+        assert copy not in kept_keys
+        assert rows[copy]["web"] == "duplicate_image" and rows[copy]["duplicate_of"].endswith(f"/{original}")
+        assert rows[original]["duplicate_of"] is None
