@@ -172,7 +172,11 @@ def read_scores(path: str, use_captioner: bool = False, columns: list[str] | Non
     ``columns``: keep only these, those the table has (older tables lack the ITC ones)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: run the filter stage on the same web shards first")
-    table = pq.read_table(path)
+    read = None
+    if columns is not None:  # read only what is asked (and what the synthetic check needs)
+        have = set(pq.read_schema(path).names)
+        read = [c for c in dict.fromkeys([*columns, *(["syn_text"] if use_captioner else [])]) if c in have]
+    table = pq.read_table(path, columns=read)
     if use_captioner and not has_synthetic(path, table):
         raise ValueError(f"{path} has no synthetic-caption scores (the filter ran without captions_dir): rerun "
                          "the filter with the caption stage's output, or assemble without the captioner "
