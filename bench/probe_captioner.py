@@ -76,6 +76,7 @@ def main(argv=None) -> None:
     ap.add_argument("--decoding", nargs="+", default=["beam", "nucleus"])
     ap.add_argument("--split", default="val")
     ap.add_argument("--name", default="")
+    ap.add_argument("--keep", help="keep the fine-tuned captioner in this folder")
     ap.add_argument("--out", default="bench/probe_captioner.jsonl")
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -83,7 +84,7 @@ def main(argv=None) -> None:
     row: dict = {"name": args.name, "overrides": args.set, "cpu": cpu_name()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        captioner = Path(args.captioner) if args.captioner else tmp / "captioner"
+        captioner = Path(args.captioner) if args.captioner else Path(args.keep or tmp / "captioner")
         if args.pretrain:
             params = P.load("params.yaml", args.set)
             t0 = time.time()

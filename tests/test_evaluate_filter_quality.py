@@ -68,14 +68,20 @@ def test_hand_made_case_has_the_known_answers(caplog):
     assert m["accuracy"] == 0.7 and m["clean_drop_rate"] == 0.2 and m["kept_noise_rate"] == pytest.approx(1 / 3)
     # AUC of 1 - p: noisy below clean in 20 of 25 pairs, one tie (0.5 vs 0.5) -> 20.5 / 25
     assert m["auc"] == pytest.approx(0.82)
-    assert m["per_kind"] == {"unrelated": {"count": 2, "recall": 1.0}, "wrong_attribute": {"count": 1, "recall": 0.0},
-                             "wrong_count": {"count": 1, "recall": 0.0}, "spam": {"count": 1, "recall": 1.0}}
+    # per kind, the AUC against the clean p's (0.9 0.8 0.3 0.6 0.5): wrong_count 0.7 is below 2 of 5,
+    # wrong_attribute 0.5 below 3 and tied with 1 -> 3.5 / 5
+    assert m["per_kind"] == {"unrelated": {"count": 2, "recall": 1.0, "auc": 1.0},
+                             "wrong_attribute": {"count": 1, "recall": 0.0, "auc": 0.7},
+                             "wrong_count": {"count": 1, "recall": 0.0, "auc": 0.4},
+                             "spam": {"count": 1, "recall": 1.0, "auc": 1.0}}
     assert list(m["per_kind"]) == ["unrelated", "wrong_attribute", "wrong_count", "spam"]  # NOISE_KINDS order
     # ITC baseline drops the 4 lowest cosines: k7 k5 k3 k9 -> TP 3, FP 1
     b = m["itc_baseline"]
     assert b["n_dropped"] == 4 and b["threshold"] == 0.2
     assert b["precision"] == 0.75 and b["recall"] == 0.6 and b["clean_drop_rate"] == 0.2
-    assert b["per_kind"]["unrelated"] == {"count": 2, "recall": 0.5} and b["per_kind"]["wrong_attribute"]["recall"] == 1.0
+    # the cosine's per-kind AUC: unrelated 0.05 is below all 5 clean cosines, 0.35 below 3 of them -> 8 / 10
+    assert b["per_kind"]["unrelated"] == {"count": 2, "recall": 0.5, "auc": 0.8}
+    assert b["per_kind"]["wrong_attribute"]["recall"] == 1.0
     assert b["auc"] == pytest.approx(17 / 25)
     assert "no ITM score" in caplog.text and "no noise label" in caplog.text
 
@@ -122,8 +128,8 @@ def test_generated_shards_and_a_parquet_score_table(small_world, tmp_path):
     assert set(m["per_kind"]) == kinds
     for kind in kinds:
         members = [k for k in noisy if labels[k] == kind]
-        assert m["per_kind"][kind] == {"count": len(members),
-                                       "recall": sum(k not in missed for k in members) / len(members)}
+        assert {k: m["per_kind"][kind][k] for k in ("count", "recall")} == {
+            "count": len(members), "recall": sum(k not in missed for k in members) / len(members)}
     b = m["itc_baseline"]  # drops the tp + fp lowest cosines: the 3 missed (-0.9) and 2 false drops come first
     assert b["n_dropped"] == tp + fp and b["recall"] == (3 + tp + fp - 5) / n_noisy
     # the same scores from a table in memory and from a mapping

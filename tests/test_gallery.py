@@ -47,13 +47,13 @@ def test_report_sections_lead_with_the_answer():
     assert "r_mean 14.5 vs 10.0 (Δ +4.5" in md and "| test/CIDEr | 0.50 | 0.40 | -0.10 |" in md
     assert "SPICE" not in md  # notes belong to the details table
     fq = {"auc": 0.9, "threshold": 0.5, "n": 10, "n_noisy": 4, "n_dropped": 4, "precision": 0.75, "recall": 0.75,
-          "clean_drop_rate": 1 / 6, "per_kind": {"spam": {"count": 2, "recall": 1.0}, "wrong_count": {"count": 2,
-                                                                                               "recall": 0.5}},
-          "itc_baseline": {"auc": 0.7, "clean_drop_rate": 0.5, "per_kind": {"spam": {"recall": 0.5}}}}
+          "clean_drop_rate": 1 / 6, "per_kind": {"spam": {"count": 2, "recall": 1.0, "auc": 0.95},
+                                                 "wrong_count": {"count": 2, "recall": 0.5, "auc": 0.61}},
+          "itc_baseline": {"auc": 0.7, "clean_drop_rate": 0.5, "per_kind": {"spam": {"recall": 0.5, "auc": 0.8}}}}
     table = filter_by_kind(fq)
     assert "ITM **0.900**, ITC cosine 0.700" in table
-    assert "| spam | 2 | 1.00 | 0.50 |" in table and "| wrong_count | 2 | 0.50 | – |" in table
-    assert "| clean | 6 | 0.17 | 0.50 |" in table
+    assert "| spam | 2 | 1.00 | 0.50 | 0.950 / 0.800 |" in table and "| wrong_count | 2 | 0.50 | – | 0.610 / – |" in table
+    assert "| clean | 6 | 0.17 | 0.50 | |" in table
     ds = {"units": {"web": "texts"}, "sources": {"web": {"input": 10, "kept": 7, "dropped": 3,
                                                          "dropped_by": {"filter": 3}}},
           "noise_ratio": 0.2, "web_drop_ratio": 0.3, "texts": {"total": 7}, "images": 10, "shards": 1}

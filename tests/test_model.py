@@ -241,11 +241,12 @@ def test_each_itm_negatives_choice_draws_the_negatives_it_should(kind):
         assert share[2] > 0.85 and sum(share[d] for d in (3, 4, 5)) == pytest.approx(1 - share[2], abs=1e-6)
 
 
-def test_below_positive_falls_back_to_another_pair_when_nothing_is_below():
+def test_below_positive_falls_back_to_hard_when_nothing_is_below():
     sim, positive = _known_neighbours()
     sim.fill_diagonal_(-5.0)  # every candidate above the positive: no admissible negative
     w = losses.itm_negative_weights(sim, positive, sim.diagonal(), "below_positive")
-    assert (w == 0).all()
+    assert torch.equal(w, losses.itm_negative_weights(sim, positive, sim.diagonal(), "hard"))  # as hard: never a positive
+    assert (w[positive] == 0).all() and (w.sum(1) > 0).all()
     draws = losses.sample_hard_negatives(w, torch.Generator().manual_seed(0))
     assert not (draws == torch.arange(6)).any()
     with pytest.raises(ValueError, match="itm_negatives='nearest' unknown"):
@@ -293,6 +294,64 @@ def test_training_sections_set_the_models_itm_negatives(tmp_path):
     for job, cls in (("finetune_filter", BlipRetrieval), ("finetune_shared", BlipPretrain)):
         model, _ = build_model(TrainConfig(job=job, itm_negatives="uniform"), tmp_path / "pre", None, tok)
         assert isinstance(model, cls) and model.itm_negatives == "uniform"
+
+
+def _itm_negative_texts(model, image, ids, mask, idx):
+    """The texts the ITM branch of one forward pairs with the batch's images as negatives
+    (the last third of the image-grounded encoder's rows), seen through a forward pre-hook."""
+    seen = []
+
+    def grab(_module, args, kwargs):
+        role = args[2] if len(args) > 2 else kwargs.get("role")
+        if role == Role.ENCODER:
+            seen.append(args[0].clone())
+
+    handle = model.text_encoder.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(image, ids, mask, idx=idx)
+    finally:
+        handle.remove()
+    (itm_ids,) = seen
+    return itm_ids[2 * ids.shape[0]:]
+
+
+@pytest.mark.parametrize("kind", ITM_NEGATIVES)
+def test_itm_negative_texts_from_the_queue(kind):
+    """``itm_negatives_from: queue``: the texts behind the ITC queue are kept beside its features,
+    and a batch whose texts are all of one image (no negative in the batch) takes its negative
+    texts from the queue — never a text of the same image, never an unwritten column."""
+    torch.manual_seed(0)
+    cfg = micro_config(queue_size=16)
+    model = BlipRetrieval(cfg)
+    model.itm_negatives, model.itm_negatives_from = kind, "queue"
+    image = torch.randn(4, 3, cfg.vision.image_size, cfg.vision.image_size)
+    ids_a, mask_a = text_inputs(4, 8, seed=1)
+    model(image, ids_a, mask_a, idx=torch.tensor([0, 1, 2, 3]))
+    pool_ids, pool_mask = model._text_pool()
+    assert torch.equal(pool_ids[:4, :8], ids_a) and torch.equal(pool_mask[:4, :8], mask_a)
+    assert int(pool_mask[4:].sum()) == 0  # never written: excluded (image id -1)
+    cand_ids, cand_mask, cand_idx = model.itm_text_candidates(ids_a, mask_a, torch.tensor([9, 9, 9, 9]))
+    assert cand_ids.shape[0] == 4 + 16 and cand_idx[4:8].tolist() == [0, 1, 2, 3] and (cand_idx[8:] == -1).all()
+    ids_b, mask_b = text_inputs(4, 10, seed=2)  # wider than the pool so far: the pool widens
+    for _ in range(3):  # 4 + 4 + 4 of 16 columns: ids_a stays queued
+        negs = _itm_negative_texts(model, image, ids_b, mask_b, torch.tensor([5, 5, 5, 5]))
+        queued_a = {tuple(r[m.bool()].tolist()) for r, m in zip(ids_a, mask_a)}
+        for row in negs:
+            assert tuple(row[row != 0].tolist()) in queued_a  # a text of the queue, of another image
+    batch_model = BlipRetrieval(cfg)  # BLIP's in-batch draw has nothing else to take
+    batch_model.itm_negatives = kind
+    negs = _itm_negative_texts(batch_model, image, ids_b, mask_b, torch.tensor([5, 5, 5, 5]))
+    assert {tuple(r.tolist()) for r in negs} <= {tuple(r.tolist()) for r in ids_b}
+
+
+def test_itm_negatives_from_the_queue_only_in_the_filters_fine_tune():
+    from blip.train.config import TrainConfig
+
+    assert TrainConfig(job="finetune_filter", itm_negatives_from="queue").itm_negatives_from == "queue"
+    with pytest.raises(ValueError, match="only the filter's fine-tune"):
+        TrainConfig(job="pretrain", itm_negatives_from="queue")
+    with pytest.raises(ValueError, match="itm_negatives_from='pool' unknown"):
+        TrainConfig(job="finetune_filter", itm_negatives_from="pool")
 
 
 def test_hard_negatives_fall_back_when_a_row_has_no_negative():

@@ -94,9 +94,10 @@ def filter_metrics(
 
     Returns ``threshold, n, n_noisy, noise_rate, n_missing, n_unknown``, the drop metrics
     ``n_dropped, drop_rate, precision, recall, f1, accuracy, clean_drop_rate, kept_noise_rate,
-    per_kind: {kind: {count, recall}}``, ``auc`` (ROC-AUC of 1 - p against noisy), and
+    per_kind: {kind: {count, recall, auc}}`` (``auc``: ROC-AUC of 1 - p, that kind against the
+    clean pairs: how well the filter separates it at any threshold), ``auc`` (ROC-AUC of 1 - p against noisy), and
     ``itc_baseline`` (``auc``, ``threshold``: its cosine cut, and the same drop metrics at the
-    ITM filter's ``n_dropped``) or, without ``itc``, ``skipped: {"itc_baseline": reason}``.
+    ITM filter's ``n_dropped``, per-kind AUCs of the cosine included) or, without ``itc``, ``skipped: {"itc_baseline": reason}``.
     """
     keys = sorted(k for k, v in itm.items() if k in labels and v is not None and np.isfinite(v))
     n_missing = sum(1 for k in labels if k not in itm or itm[k] is None or not np.isfinite(itm[k]))
@@ -122,6 +123,7 @@ def filter_metrics(
         **_drop_metrics(dropped, kinds),
         "auc": roc_auc(1.0 - p, noisy),
     }
+    _kind_aucs(out["per_kind"], 1.0 - p, kinds)
     if itc is None:
         out["skipped"] = {"itc_baseline": "no ITC cosines given"}
         return out
@@ -138,7 +140,17 @@ def filter_metrics(
         "threshold": float(cos[order[n_drop - 1]]) if n_drop else float("nan"),  # highest dropped cosine
         **_drop_metrics(base_dropped, kinds),
     }
+    _kind_aucs(out["itc_baseline"]["per_kind"], -cos, kinds)
     return out
+
+
+def _kind_aucs(per_kind: dict, noise_score: np.ndarray, kinds: np.ndarray) -> None:
+    """Add to each kind of ``per_kind`` the ROC-AUC of ``noise_score`` (higher = noisier), that kind
+    against the clean pairs: how well the score separates it at any threshold."""
+    clean = kinds == ""
+    for kind, m in per_kind.items():
+        sel = (kinds == kind) | clean
+        m["auc"] = roc_auc(noise_score[sel], ~clean[sel]) if clean.any() else float("nan")
 
 
 def load_filter_scores(source, key_column: str = "key", itm_column: str = "itm_web", itc_column: str | None = "itc_web"):

@@ -141,12 +141,14 @@ def filter_by_kind(fq: Mapping) -> str:
              f"{_cell(fq.get('n_dropped'), 0)} of {_cell(fq.get('n'), 0)} web texts: precision "
              f"{_cell(fq.get('precision'), 2)}, recall {_cell(fq.get('recall'), 2)}, clean texts dropped "
              f"{_cell(fq.get('clean_drop_rate'), 2)}.", "",
-             "| noise kind | texts | dropped by ITM | dropped by ITC (same count) |", "|---|---:|---:|---:|"]
+             "| noise kind | texts | dropped by ITM | dropped by ITC (same count) | ROC-AUC against the clean texts: ITM / ITC |",
+             "|---|---:|---:|---:|---:|"]
     for kind, v in kinds.items():
         other = (itc.get("per_kind") or {}).get(kind, {})
-        lines.append(f"| {kind} | {v.get('count')} | {_cell(v.get('recall'), 2)} | {_cell(other.get('recall'), 2)} |")
+        lines.append(f"| {kind} | {v.get('count')} | {_cell(v.get('recall'), 2)} | {_cell(other.get('recall'), 2)} "
+                     f"| {_cell(v.get('auc'), 3)} / {_cell(other.get('auc'), 3)} |")
     lines.append(f"| clean | {_cell((fq.get('n') or 0) - (fq.get('n_noisy') or 0), 0)} | "
-                 f"{_cell(fq.get('clean_drop_rate'), 2)} | {_cell(itc.get('clean_drop_rate'), 2)} |")
+                 f"{_cell(fq.get('clean_drop_rate'), 2)} | {_cell(itc.get('clean_drop_rate'), 2)} | |")
     return "\n".join(lines) + "\n"
 
 

@@ -214,9 +214,32 @@ class MomentumITC(BlipBase):
     def queue_size(self) -> int:
         return self.image_queue.shape[1]
 
+    #: where ITM's negative *texts* come from (``config.ITM_NEGATIVES_FROM``): ``batch`` (BLIP's) or
+    #: ``queue``, the batch plus the texts behind the ITC queue (their token ids are kept beside the
+    #: queue's features, outside the checkpoint: a resumed run refills them). A training choice the
+    #: trainer sets from its section of params.yaml, as ``itm_negatives``.
+    itm_negatives_from: str = "batch"
+
+    def _text_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, mask)`` ``(Q, L)``: the texts behind ``text_queue``'s columns; a column never
+        written has an all-zero mask. ``L`` grows to the widest batch seen."""
+        if getattr(self, "_pool_ids", None) is None:
+            dev = self.text_queue.device
+            self._pool_ids = torch.zeros(self.queue_size, 1, dtype=torch.long, device=dev)
+            self._pool_mask = torch.zeros(self.queue_size, 1, dtype=torch.long, device=dev)
+        return self._pool_ids, self._pool_mask
+
+    def _pool_write(self, cols: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        pool_ids, pool_mask = self._text_pool()
+        width = max(pool_ids.shape[1], ids.shape[1])
+        self._pool_ids, self._pool_mask = _pad_cols(pool_ids, width), _pad_cols(pool_mask, width)
+        self._pool_ids[cols] = _pad_cols(ids, width)
+        self._pool_mask[cols] = _pad_cols(mask.to(torch.long), width)
+
     @torch.no_grad()
     def enqueue(
-        self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor | None = None, gathered: bool = False
+        self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor | None = None, gathered: bool = False,
+        text_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """Write every rank's momentum features into the queues, wrapping around.
 
@@ -231,6 +254,7 @@ class MomentumITC(BlipBase):
         if image_feat.shape[0] > Q:  # keep only the newest Q
             image_feat, text_feat = image_feat[-Q:], text_feat[-Q:]
             idx = idx[-Q:] if idx is not None else None
+            text_ids = None if text_ids is None else (text_ids[0][-Q:], text_ids[1][-Q:])
         ptr_buf = getattr(self, self.ptr_name)
         ptr = int(ptr_buf)
         cols = (ptr + torch.arange(image_feat.shape[0], device=image_feat.device)) % Q
@@ -238,7 +262,25 @@ class MomentumITC(BlipBase):
         self.text_queue[:, cols] = text_feat.T.to(self.text_queue.dtype)
         if idx is not None:
             self.idx_queue[:, cols] = idx.view(1, -1)
+        if text_ids is not None:
+            self._pool_write(cols, *text_ids)
         ptr_buf[0] = (ptr + image_feat.shape[0]) % Q
+
+    @torch.no_grad()
+    def itm_text_candidates(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ITM's negative-text candidates in the column order of :meth:`itc_step`'s similarities
+        — every rank's batch, then the queue — taken *before* the step enqueues: ``(ids, mask)``
+        ``(N, L)`` and the image id of each ``(N,)`` (``-1`` for a queue column never written, so
+        that no row takes it)."""
+        ids_g, mask_g = _gather_texts(input_ids, attention_mask, self.cfg.text.max_position_embeddings)
+        pool_ids, pool_mask = self._text_pool()
+        width = max(ids_g.shape[1], pool_ids.shape[1])
+        ids = torch.cat([_pad_cols(ids_g, width), _pad_cols(pool_ids, width)])
+        mask = torch.cat([_pad_cols(mask_g.to(torch.long), width), _pad_cols(pool_mask, width)])
+        pool_idx = self.idx_queue.view(-1).clone().masked_fill(pool_mask.sum(1) == 0, -1)
+        return ids, mask, torch.cat([dist.concat_all_gather(idx.view(-1)), pool_idx])
 
     def itc_step(
         self,
@@ -280,7 +322,9 @@ class MomentumITC(BlipBase):
         loss, sim_i2t, sim_t2i = losses.itc_loss(
             image_feat, text_feat, image_feat_all, text_feat_all, targets, self.temp, alpha, image_feat_m, text_feat_m
         )
-        self.enqueue(image_m_g, text_m_g, idx_g if use_idx_queue else None, gathered=True)
+        text_ids = _gather_texts(input_ids, attention_mask, self.cfg.text.max_position_embeddings) \
+            if self.itm_negatives_from == "queue" else None
+        self.enqueue(image_m_g, text_m_g, idx_g if use_idx_queue else None, gathered=True, text_ids=text_ids)
         return loss, sim_i2t, sim_t2i, offset
 
     def itm_loss(
@@ -290,18 +334,28 @@ class MomentumITC(BlipBase):
         attention_mask: torch.Tensor,
         weights_t2i: torch.Tensor,
         weights_i2t: torch.Tensor,
+        text_candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """ITM over ``[positives; (text, hard-negative image); (hard-negative text, image)]``.
 
         ``weights_t2i[b]`` is the sampling distribution over images for text ``b`` (zero at its
-        positives); ``weights_i2t`` likewise over texts. One negative of each kind per sample.
+        positives); ``weights_i2t`` likewise over texts: the batch's, or ``text_candidates``
+        ``(ids, mask)`` (:meth:`MomentumITC.itm_text_candidates`). One negative of each kind per sample.
         """
         B = input_ids.shape[0]
         with torch.no_grad():
             neg_img = losses.sample_hard_negatives(weights_t2i)  # (B,) image index per text
             neg_txt = losses.sample_hard_negatives(weights_i2t)  # (B,) text index per image
-        ids = torch.cat([input_ids, input_ids, input_ids[neg_txt]])
-        mask = torch.cat([attention_mask, attention_mask, attention_mask[neg_txt]])
+        if text_candidates is None:
+            neg_ids, neg_mask = input_ids[neg_txt], attention_mask[neg_txt]
+        else:
+            neg_ids, neg_mask = text_candidates[0][neg_txt], text_candidates[1][neg_txt]
+            width = max(input_ids.shape[1], int(neg_mask.sum(1).max()))
+            input_ids, attention_mask = _pad_cols(input_ids, width), _pad_cols(attention_mask, width)
+            neg_ids, neg_mask = neg_ids[:, :width], neg_mask[:, :width].to(attention_mask.dtype)
+            neg_ids, neg_mask = _pad_cols(neg_ids, width), _pad_cols(neg_mask, width)
+        ids = torch.cat([input_ids, input_ids, neg_ids])
+        mask = torch.cat([attention_mask, attention_mask, neg_mask])
         rows = torch.arange(B, device=ids.device)
         logits = self.itm_logits(image_embeds, ids, mask, torch.cat([rows, neg_img, rows]))  # (3B, 2)
         return F.cross_entropy(logits.float(), losses.itm_labels(B, logits.device))
@@ -408,7 +462,9 @@ class BlipRetrieval(MomentumITC):
         image_embeds = self.encode_image(image)
         image_feat = self.image_features(image_embeds)
         text_feat = self.text_features(input_ids, attention_mask)
-        loss_itc, _, _, _ = self.itc_step(
+        from_queue = self.itm_negatives_from == "queue"
+        cands = self.itm_text_candidates(input_ids, attention_mask, idx) if from_queue else None
+        loss_itc, sim_i2t, _, off = self.itc_step(
             image, input_ids, attention_mask, image_feat, text_feat, alpha, idx, use_idx_queue=True,
             image_embeds=image_embeds,
         )
@@ -418,9 +474,15 @@ class BlipRetrieval(MomentumITC):
         else:
             with torch.no_grad():
                 same = idx == idx.T
-                w_i2t = self.negative_weights(image_feat @ text_feat.T / self.temp, same, eps=0)
                 w_t2i = self.negative_weights(text_feat @ image_feat.T / self.temp, same, eps=0)
-            loss_itm = self.itm_loss(image_embeds, input_ids, attention_mask, w_t2i, w_i2t)
+                if cands is None:
+                    w_i2t = self.negative_weights(image_feat @ text_feat.T / self.temp, same, eps=0)
+                else:  # the texts of the batch and of the queue, by the step's own similarities
+                    cand_idx = cands[2].view(1, -1)
+                    excluded = (idx == cand_idx) | (cand_idx == -1)
+                    w_i2t = self.negative_weights(sim_i2t, excluded, eps=0, own=slice(off, off + idx.shape[0]))
+            loss_itm = self.itm_loss(image_embeds, input_ids, attention_mask, w_t2i, w_i2t,
+                                     text_candidates=None if cands is None else cands[:2])
         return {"itc": loss_itc, "itm": loss_itm}
 
     def _itm_all_rank(self, image_embeds, image_feat, text_feat, input_ids, attention_mask, idx):
@@ -471,3 +533,15 @@ MODEL_CLASSES: dict[str, type[BlipBase]] = {
     "BlipRetrieval": BlipRetrieval,
     "BlipCaptioner": BlipCaptioner,
 }
+
+
+def _pad_cols(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` ``(N, L)`` right-padded with zeros (pad id, mask 0) to ``width`` columns."""
+    return t if t.shape[1] >= width else F.pad(t, (0, width - t.shape[1]))
+
+
+def _gather_texts(ids: torch.Tensor, mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's token ids and masks (padded to ``width`` first, as ranks' batches differ in length)."""
+    if dist.world_size() == 1:
+        return ids, mask
+    return dist.concat_all_gather(_pad_cols(ids, width)), dist.concat_all_gather(_pad_cols(mask, width))

@@ -23,6 +23,10 @@ from ..typed import ConfigError, build
 #: image (a false negative), and those sit at or above the positive's own similarity
 #: (docs/recipe.md §0.7). Here, not in ``losses``, so configs check it without importing torch.
 ITM_NEGATIVES = ("hard", "uniform", "below_positive")
+#: Where ITM's negative texts are drawn from (``itm_negatives_from``): ``batch`` (BLIP's) or
+#: ``queue``, the batch and the texts behind the ITC queue (``model.queue_size`` more candidates,
+#: so that an image's nearest other caption is more often one that differs in a single detail).
+ITM_NEGATIVES_FROM = ("batch", "queue")
 
 SHARING_STRATEGIES = ("all", "all_except_ca", "all_except_sa", "none")
 PRESETS = ("tiny", "small", "base", "large")

@@ -99,16 +99,19 @@ def itm_negative_weights(
 
     ``sim``: row ``b``'s ITC similarity to each candidate (already divided by the temperature);
     ``own_sim`` ``(B,)``: the similarity of row ``b``'s own pair (the reference of
-    ``below_positive``). A row left with no admissible candidate falls back in
-    :func:`sample_hard_negatives` to a uniform draw over the other columns.
+    ``below_positive``; a row with nothing below it draws as ``hard``). A row left with no
+    admissible candidate falls back in :func:`sample_hard_negatives` to a uniform draw over the
+    other columns.
     """
     if kind == "hard":
         return hard_negative_weights(sim, positive_mask, eps)
     if kind == "uniform":
         return torch.ones_like(sim, dtype=torch.float32).masked_fill(positive_mask, 0)
     if kind == "below_positive":
-        w = hard_negative_weights(sim, positive_mask, eps)
-        return w.masked_fill(sim.float() >= own_sim.float().view(-1, 1), 0)
+        hard = hard_negative_weights(sim, positive_mask, eps)
+        w = hard.masked_fill(sim.float() >= own_sim.float().view(-1, 1), 0)
+        empty = w.sum(1) <= 0  # nothing below the positive: the row draws as ``hard`` does
+        return torch.where(empty.view(-1, 1), hard, w)
     raise ValueError(f"itm_negatives={kind!r} unknown; use one of {ITM_NEGATIVES}")
 
 

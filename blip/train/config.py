@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..model.config import ITM_NEGATIVES
+from ..model.config import ITM_NEGATIVES, ITM_NEGATIVES_FROM
 
 SCHEDULES = ("step", "cosine")
 
@@ -66,6 +66,7 @@ class TrainConfig:
     augment: bool = True  # horizontal flip + RandomAugment(2, 5) after the crop (BLIP's train transform)
     negative_all_rank: bool = False  # retrieval ITM negatives from every rank (COCO: True)
     itm_negatives: str = "hard"  # hard (BLIP's) | uniform | below_positive: how ITM draws its negatives (model/losses.py)
+    itm_negatives_from: str = "batch"  # batch (BLIP's) | queue: negative texts also from the ITC queue's (retrieval jobs)
     bf16: bool | str = False  # autocast matmuls to bfloat16; auto = where the device does bf16 natively
     grad_checkpointing: bool = False
     seed: int = 0
@@ -88,6 +89,11 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.itm_negatives not in ITM_NEGATIVES:
             raise ValueError(f"itm_negatives={self.itm_negatives!r} unknown; use one of {ITM_NEGATIVES}")
+        if self.itm_negatives_from not in ITM_NEGATIVES_FROM:
+            raise ValueError(f"itm_negatives_from={self.itm_negatives_from!r} unknown; use one of {ITM_NEGATIVES_FROM}")
+        if self.itm_negatives_from != "batch" and JOBS[self.job].objective != "retrieval":
+            raise ValueError(f"itm_negatives_from={self.itm_negatives_from!r}: only the filter's fine-tune "
+                             f"(a retrieval job) draws ITM negatives from the queue; {self.job!r} takes 'batch'")
         if not 0.0 <= self.vision_lr_scale <= 10.0:
             raise ValueError(f"vision_lr_scale={self.vision_lr_scale}: the ViT's lr as a fraction of lr, in [0, 10] "
                              "(0: the ViT frozen)")

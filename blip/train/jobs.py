@@ -24,6 +24,7 @@ def build_model(
     model, tok = _build(cfg, init, model_cfg, tokenizer, vision_init, text_init)
     if hasattr(model, "itm_negatives"):  # models that train ITM (pre-training, filter, shared)
         model.itm_negatives = cfg.itm_negatives
+        model.itm_negatives_from = cfg.itm_negatives_from
     return model, tok
 
 
