@@ -131,8 +131,9 @@ def test_pretrain_on_a_mistyped_folder_fails_naming_it_before_any_work(capsys, t
 
 
 def test_paper_variant_is_blips_recipe_whatever_the_embedded_defaults(tmp_path):
-    """The embedded defaults lock the ViT and draw ITM negatives uniformly (chosen on val for a tiny
-    model beside a warm ViT); the `paper` overlay must undo every such choice, key by key."""
+    """The embedded defaults lock the ViT, draw ITM negatives uniformly and train on images that are
+    neither cropped nor augmented (chosen on val for a tiny model beside a warm ViT); the `paper`
+    overlay must undo every such choice, key by key."""
     (tmp_path / "params.yaml").write_text(Path("params.yaml").read_text())
     (tmp_path / "params-paper.yaml").write_text(Path("params-paper.yaml").read_text())
     paper = params_module.apply_variant(tmp_path / "params.yaml", "paper")
@@ -140,6 +141,10 @@ def test_paper_variant_is_blips_recipe_whatever_the_embedded_defaults(tmp_path):
         assert paper.train(section).vision_lr_scale == 1.0, section
     for section in ("pretrain", "repretrain", "finetune_filter", "finetune_shared"):
         assert paper.train(section).itm_negatives == "hard", section
+        assert paper.train(section).itm_negatives_from == "batch", section
+    for section, min_scale in (("pretrain", 0.2), ("repretrain", 0.2), ("finetune_captioner", 0.5),
+                               ("finetune_filter", 0.5), ("finetune_shared", 0.5)):  # BLIP's crops, flips, RandomAugment
+        assert (paper.train(section).augment, paper.train(section).min_scale) == (True, min_scale), section
     assert (paper.pretrain.lr, paper.finetune_captioner.lr, paper.finetune_filter.lr) == (3e-4, 1e-5, 1e-5)
     assert (paper.finetune_captioner.min_scale, paper.caption.max_length, paper.evaluate.k_test) == (0.5, 20, 256)
     assert not paper.warmstart_vision.enabled
