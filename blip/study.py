@@ -16,7 +16,7 @@ cells do not inherit each other's settings.
 
 Results go to ``study/results.jsonl`` (one line per finished cell; a rerun skips them, so an
 interrupted study resumes), each side's per-query retrieval ranks to ``study/ranks/<experiment>-
-<side>.json`` (the evaluate stage's ``data/predictions/<side>_ranks.json``), then ``docs/study.md``
+<side>.json.gz`` (the evaluate stage's ``data/predictions/<side>_ranks.json``, one gzipped line), then ``docs/study.md``
 and ``docs/study-*.png``: mean ± std over seeds per cell, and each paper comparison with its
 per-seed paired difference, the pooled difference's 95% interval (``blip.evaluate.intervals.pooled``:
 a paired bootstrap over the test images, the same draw for every seed, plus the seed-to-seed
@@ -37,9 +37,9 @@ of the oracle's gain CapFilt reaches.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
-import shutil
 import statistics
 import subprocess
 import sys
@@ -152,14 +152,13 @@ def measure(root: Path, sides: tuple[str, ...] = ("baseline", "capfilt"), ranks_
     """The numbers of the experiment just run in ``root`` (its metrics files), for ``sides``:
     ``baseline`` (pre-trained on the noisy data) and ``capfilt`` (on the bootstrapped data).
     ``ranks_dir``: also keep each side's per-query retrieval ranks (``data/predictions/<side>_ranks.json``,
-    every retrieval split) as ``ranks_dir/<experiment>-<side>.json``, for the intervals of
+    every retrieval split) as ``ranks_dir/<experiment>-<side>.json.gz`` (:func:`write_ranks`), for the intervals of
     :func:`summarize` (an experiment from before the evaluate stage wrote them has none: skipped)."""
     if ranks_dir is not None:
         for side in sides:
             src = root / "data" / "predictions" / f"{side}_ranks.json"
             if src.is_file():
-                ranks_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, ranks_dir / f"{experiment}-{side}.json")
+                write_ranks(json.loads(src.read_text()), ranks_dir / f"{experiment}-{side}{RANKS_SUFFIX}")
     steps = json.loads((root / "metrics" / "train" / "pretrain.json").read_text())["steps"]
     out = {}
     for side in sides:
@@ -251,14 +250,33 @@ def ranks_path(results: Path) -> Path:
     return results.parent / "ranks"
 
 
+#: how :func:`measure` keeps an experiment side's per-query ranks: one line of JSON, gzipped
+#: (~25 KB instead of the evaluate stage's indented ~250 KB, one number a line), so that a study's
+#: dozens of experiments stay small in git; files of the old form (``.json``) are still read
+RANKS_SUFFIX = ".json.gz"
+
+
+def write_ranks(ranks: Mapping, path: Path) -> None:
+    """``ranks`` (``{split: {txt_ranks, img_ranks, ...}}``) to ``path`` as one gzipped JSON line; the
+    gzip header carries no time, so the same ranks give the same bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(ranks, separators=(",", ":"), sort_keys=True).encode()
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as fh:
+        fh.write(data)
+
+
 def read_ranks(ranks_dir: Path) -> dict[tuple[str, str], dict]:
-    """``(experiment, side) -> {split: ranks}`` from the ``<experiment>-<side>.json`` files that
-    :func:`measure` kept (none: an empty dict)."""
+    """``(experiment, side) -> {split: ranks}`` from the ``<experiment>-<side>.json.gz`` (or older
+    ``.json``) files that :func:`measure` kept (none: an empty dict)."""
     out = {}
-    for path in sorted(ranks_dir.glob("*.json")) if ranks_dir.is_dir() else []:
-        experiment, _, side = path.stem.rpartition("-")
-        if experiment and side in ("baseline", "capfilt"):
-            out[(experiment, side)] = json.loads(path.read_text())
+    for path in sorted(ranks_dir.iterdir()) if ranks_dir.is_dir() else []:
+        for suffix, load in ((RANKS_SUFFIX, lambda p: json.loads(gzip.decompress(p.read_bytes()))),
+                             (".json", lambda p: json.loads(p.read_text()))):
+            if path.name.endswith(suffix):
+                experiment, _, side = path.name[: -len(suffix)].rpartition("-")
+                if experiment and side in ("baseline", "capfilt"):
+                    out[(experiment, side)] = load(path)
+                break
     return out
 
 

@@ -204,6 +204,12 @@ def test_measure_keeps_each_sides_ranks_beside_the_results(tmp_path):
     assert got == {"baseline": {"test/r_mean": 40.0, "pretrain/steps": 9}}  # results.jsonl rows stay as they were
     assert read_ranks(where) == {("study-sharing-all-s0-baseline", "baseline"): {"test": split}}
     assert where == tmp_path / "study" / "ranks" and read_ranks(tmp_path / "nowhere") == {}
+    kept = where / "study-sharing-all-s0-baseline-baseline.json.gz"  # compact: one gzipped line, same bytes each time
+    first = kept.read_bytes()
+    measure(tmp_path, sides=("baseline",), ranks_dir=where, experiment="study-sharing-all-s0-baseline")
+    assert kept.read_bytes() == first and len(first) < len(json.dumps({"test": split}, indent=2)) / 4
+    (where / "study-old-s0-capfilt.json").write_text(json.dumps({"test": split}, indent=2))  # the old form still reads
+    assert read_ranks(where)[("study-old-s0", "capfilt")] == {"test": split}
 
 
 def test_report_only_writes_the_tables_from_the_rows_and_runs_nothing(tmp_path):
@@ -237,7 +243,7 @@ def test_smoke_study_runs_dvc_experiments_and_writes_the_tables(tmp_path):
     assert 0 <= beam["metrics"]["synthetic/true_noise_ratio"] <= 1  # the caption checker's, beside it
     assert beam["metrics"]["repretrain/steps"] > 0 and beam["metrics"]["pretrain/steps"] == 6  # the smoke cap
     kept = {p.name for p in (repo / "study/ranks").iterdir()}  # each side's per-query ranks, for the intervals
-    assert kept == {f"{r['experiment']}-{side}.json" for r in rows for side in ("baseline", "capfilt")}
+    assert kept == {f"{r['experiment']}-{side}.json.gz" for r in rows for side in ("baseline", "capfilt")}
     exps = run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], repo).stdout.split()
     assert {r["experiment"] for r in rows} <= set(exps)
     md = (repo / "docs/study.md").read_text()
