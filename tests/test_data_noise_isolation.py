@@ -77,6 +77,7 @@ KNOWN_SCENE_CALLERS = {
     ("blip/stages/capfilt.py", "_synthetic_check"),  # check_synthetic: the filter_quality stage's synthetic_check
     ("bench/itm_negatives_table.py", "row"),  # check_synthetic: a bench script's table (--check)
     ("bench/probe_captioner.py", "check_split"),  # scene_of_web: a bench script checks val captions (recipe choice)
+    ("bench/probe_filter.py", "main"),  # check_synthetic: a bench script measures a filter recipe (docs/recipe.md §0.11)
 }
 SCENE_READERS = ("scene_of_web", "check_synthetic")
 
