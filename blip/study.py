@@ -251,7 +251,7 @@ def ranks_path(results: Path) -> Path:
 
 
 #: how :func:`measure` keeps an experiment side's per-query ranks: one line of JSON, gzipped
-#: (~25 KB instead of the evaluate stage's indented ~250 KB, one number a line), so that a study's
+#: (~16 KB instead of the evaluate stage's indented ~250 KB, one number a line), so that a study's
 #: dozens of experiments stay small in git; files of the old form (``.json``) are still read
 RANKS_SUFFIX = ".json.gz"
 

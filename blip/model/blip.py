@@ -293,6 +293,7 @@ class MomentumITC(BlipBase):
         idx: torch.Tensor | None,
         use_idx_queue: bool,
         image_embeds: torch.Tensor | None = None,
+        text_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """ITC loss against every rank's momentum features plus the queues, then enqueue.
 
@@ -301,6 +302,8 @@ class MomentumITC(BlipBase):
         global batch; the official code used only the local batch (identical with one process).
         Positives: the diagonal, or with ``idx`` every column of the same image id
         (``use_idx_queue``: the queue's ids too, as BLIP's retrieval fine-tuning).
+        ``text_ids``: every rank's ``(ids, mask)``, kept beside the queued features (ITM's negatives
+        from the queue, :meth:`itm_text_candidates`).
         Returns ``(loss, sim_i2t, sim_t2i, offset)``; ``offset`` is where this rank's own batch
         starts among the columns.
         """
@@ -322,8 +325,6 @@ class MomentumITC(BlipBase):
         loss, sim_i2t, sim_t2i = losses.itc_loss(
             image_feat, text_feat, image_feat_all, text_feat_all, targets, self.temp, alpha, image_feat_m, text_feat_m
         )
-        text_ids = _gather_texts(input_ids, attention_mask, self.cfg.text.max_position_embeddings) \
-            if self.itm_negatives_from == "queue" else None
         self.enqueue(image_m_g, text_m_g, idx_g if use_idx_queue else None, gathered=True, text_ids=text_ids)
         return loss, sim_i2t, sim_t2i, offset
 
@@ -352,8 +353,7 @@ class MomentumITC(BlipBase):
             neg_ids, neg_mask = text_candidates[0][neg_txt], text_candidates[1][neg_txt]
             width = max(input_ids.shape[1], int(neg_mask.sum(1).max()))
             input_ids, attention_mask = _pad_cols(input_ids, width), _pad_cols(attention_mask, width)
-            neg_ids, neg_mask = neg_ids[:, :width], neg_mask[:, :width].to(attention_mask.dtype)
-            neg_ids, neg_mask = _pad_cols(neg_ids, width), _pad_cols(neg_mask, width)
+            neg_ids, neg_mask = neg_ids[:, :width], neg_mask[:, :width].to(attention_mask.dtype)  # candidates: >= width
         ids = torch.cat([input_ids, input_ids, neg_ids])
         mask = torch.cat([attention_mask, attention_mask, neg_mask])
         rows = torch.arange(B, device=ids.device)
@@ -466,7 +466,7 @@ class BlipRetrieval(MomentumITC):
         cands = self.itm_text_candidates(input_ids, attention_mask, idx) if from_queue else None
         loss_itc, sim_i2t, _, off = self.itc_step(
             image, input_ids, attention_mask, image_feat, text_feat, alpha, idx, use_idx_queue=True,
-            image_embeds=image_embeds,
+            image_embeds=image_embeds, text_ids=None if cands is None else _batch_rows(cands, idx.shape[0]),
         )
 
         if self.negative_all_rank and dist.world_size() > 1:
@@ -545,3 +545,10 @@ def _gather_texts(ids: torch.Tensor, mask: torch.Tensor, width: int) -> tuple[to
     if dist.world_size() == 1:
         return ids, mask
     return dist.concat_all_gather(_pad_cols(ids, width)), dist.concat_all_gather(_pad_cols(mask, width))
+
+
+def _batch_rows(cands: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (ids, mask) of every rank's batch among :meth:`MomentumITC.itm_text_candidates` (its
+    first rows): what the step enqueues beside the features, gathered once."""
+    n = batch * dist.world_size()
+    return cands[0][:n], cands[1][:n]
