@@ -131,6 +131,14 @@ def test_config_and_device_checks(world, tmp_path):
     nucleus = CaptionConfig().generation()
     assert (nucleus.method, nucleus.top_p, nucleus.repetition_penalty, nucleus.max_length, nucleus.min_length) == \
         ("nucleus", 0.9, 1.1, 20, 5)
+    # repetition_penalty: None keeps BLIP's per method; a value replaces it for both, and is identity
+    assert CaptionConfig(method="beam").generation().repetition_penalty == 1.0
+    for method in ("beam", "nucleus"):
+        rep = CaptionConfig(method=method, repetition_penalty=1.5)
+        assert rep.generation().repetition_penalty == 1.5
+        assert rep.identity() != CaptionConfig(method=method).identity()
+    with pytest.raises(ValueError, match="repetition_penalty=0.0 must be > 0"):
+        CaptionConfig(repetition_penalty=0.0)
     with pytest.raises(ParamsError, match="caption.temperature"):
         build(CaptionConfig, {"temperature": 1.0}, "caption")
     with pytest.raises(ParamsError, match="method='greedy'"):

@@ -78,6 +78,7 @@ KNOWN_SCENE_CALLERS = {
     ("bench/itm_negatives_table.py", "row"),  # check_synthetic: a bench script's table (--check)
     ("bench/probe_captioner.py", "check_split"),  # scene_of_web: a bench script checks val captions (recipe choice)
     ("bench/probe_filter.py", "main"),  # check_synthetic: a bench script measures a filter recipe (docs/recipe.md §0.11)
+    ("bench/probe_caption_ceiling.py", "main"),  # scene_of_web: a bench script, the captioner vs its ViT on val (§0.12)
 }
 SCENE_READERS = ("scene_of_web", "check_synthetic")
 

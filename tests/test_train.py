@@ -302,6 +302,44 @@ def test_vision_lr_scale_zero_freezes_the_vit_and_reuses_its_features_as_the_mom
         TrainConfig(vision_lr_scale=-0.1)
 
 
+def test_cross_lr_scale_speeds_only_the_cross_attention_and_the_itm_head():
+    """``cross_lr_scale``: every text layer's cross-attention and the ITM head get lr x scale,
+    the ViT its own scale, everything else the schedule's lr; each parameter in exactly one group."""
+    from blip.train.optim import param_groups, set_lr
+
+    torch.manual_seed(0)
+    model = BlipPretrain(micro_config())
+    opt = torch.optim.AdamW(param_groups(model, 0.05, vision_lr_scale=0.5, cross_lr_scale=3.0), lr=1.0)
+    set_lr(opt, 1e-3)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    kinds = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("visual_encoder."):
+            want, kind = 5e-4, "vit"
+        elif ".crossattention." in name or name.startswith("itm_head."):
+            want, kind = 3e-3, "cross"
+        else:
+            want, kind = 1e-3, "rest"
+        kinds.add(kind)
+        assert lr_of.pop(id(p)) == pytest.approx(want), name
+    assert not lr_of and kinds == {"vit", "cross", "rest"}  # nothing extra, every kind present
+    with pytest.raises(ValueError, match=r"cross_lr_scale=0.0: .* in \(0, 100\]"):
+        TrainConfig(cross_lr_scale=0.0)
+
+
+def test_itm_weight_scales_what_the_step_minimises_not_what_it_logs():
+    from blip.train.trainer import weighted_loss
+
+    losses = {"itc": torch.tensor(1.0), "itm": torch.tensor(0.5), "lm": torch.tensor(2.0)}
+    assert float(weighted_loss(losses, TrainConfig(itm_weight=3.0))) == pytest.approx(1.0 + 1.5 + 2.0)
+    assert float(weighted_loss(losses, TrainConfig())) == pytest.approx(3.5)  # BLIP's plain sum
+    assert float(weighted_loss({"lm": torch.tensor(2.0)}, TrainConfig(itm_weight=3.0))) == 2.0  # the captioner
+    with pytest.raises(ValueError, match=r"itm_weight=-1.0: the ITM loss's weight, >= 0"):
+        TrainConfig(itm_weight=-1.0)
+
+
 def test_a_locked_vit_comes_out_of_training_as_it_went_in(world, tmp_path):
     """Through the trainer: a captioner fine-tuned with ``vision_lr_scale: 0`` keeps its pre-trained
     ViT bit for bit (and its decoder learns); with the default scale the ViT moves."""

@@ -60,8 +60,9 @@ class CaptionConfig:
 
     ``method``: ``nucleus`` (CapFilt: top_k 50 then top_p 0.9, BLIP's repetition penalty 1.1) or
     ``beam`` (``num_beams`` 3, no repetition penalty, as BLIP's ``generate``). ``top_k``: nucleus
-    only, kept before top-p as transformers' default did for BLIP (0 = off). ``length_rule``: beam
-    only, how finished captions are ranked: ``official`` (transformers 4.15, as BLIP's released
+    only, kept before top-p as transformers' default did for BLIP (0 = off). ``repetition_penalty``: CTRL's
+    penalty on every token already in the caption (``None``: BLIP's, 1.1 nucleus, 1.0 beam).
+    ``length_rule``: beam only, how finished captions are ranked: ``official`` (transformers 4.15, as BLIP's released
     captions) or ``transformers`` (5.x). ``max_length``/``min_length`` count the prompt's tokens,
     as BLIP's configs (20/5). ``seed``: nucleus sampling only. ``candidates``: nucleus samples per
     image (1: BLIP; BLIP-2 ranks 10, LAION-COCO 40), drawn in one pass over the image's cache, each
@@ -76,6 +77,7 @@ class CaptionConfig:
     top_k: int = 50
     num_beams: int = 3
     length_rule: str = "official"
+    repetition_penalty: float | None = None  # None: BLIP's (1.1 nucleus, 1.0 beam)
     max_length: int = 20
     min_length: int = 5
     seed: int = 0
@@ -103,11 +105,12 @@ class CaptionConfig:
 
     def generation(self) -> GenerationConfig:
         """Each method gets only its own knobs, so the other method's do not change ``identity()``."""
+        rep = {} if self.repetition_penalty is None else {"repetition_penalty": self.repetition_penalty}
         if self.method == "nucleus":
             return GenerationConfig.nucleus(max_length=self.max_length, min_length=self.min_length, top_p=self.top_p,
-                                            top_k=self.top_k)
+                                            top_k=self.top_k, **rep)
         return GenerationConfig(method="beam", num_beams=self.num_beams, max_length=self.max_length,
-                                min_length=self.min_length, length_rule=self.length_rule)
+                                min_length=self.min_length, length_rule=self.length_rule, **rep)
 
     def identity(self) -> dict:
         """The fields that decide the captions (the whole generation config, top_k and

@@ -161,6 +161,8 @@ class GenerationConfig:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0 turns top-k off)")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1: none; CTRL's 1.2)")
         if self.length_rule not in LENGTH_RULES:
             raise ValueError(f"length_rule={self.length_rule!r} unknown; use one of {LENGTH_RULES}")
 

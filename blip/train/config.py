@@ -51,6 +51,8 @@ class TrainConfig:
     grad_accum_steps: int = 1
     lr: float = 3e-4  # init_lr
     vision_lr_scale: float = 1.0  # the ViT's lr as a fraction of lr (a warm ViT beside text towers from scratch); 0: frozen
+    cross_lr_scale: float = 1.0  # the cross-attention layers' and the ITM head's lr as a multiple of lr
+    itm_weight: float = 1.0  # the ITM loss's weight in the sum of the job's losses (BLIP: 1)
     min_lr: float = 1e-6
     warmup_lr: float = 1e-6
     warmup_steps: int = 3000  # linear warm-up in epoch 0 (step schedule)
@@ -97,6 +99,11 @@ class TrainConfig:
         if not 0.0 <= self.vision_lr_scale <= 10.0:
             raise ValueError(f"vision_lr_scale={self.vision_lr_scale}: the ViT's lr as a fraction of lr, in [0, 10] "
                              "(0: the ViT frozen)")
+        if not 0.0 < self.cross_lr_scale <= 100.0:
+            raise ValueError(f"cross_lr_scale={self.cross_lr_scale}: the cross-attention's and ITM head's lr "
+                             "as a multiple of lr, in (0, 100]")
+        if self.itm_weight < 0:
+            raise ValueError(f"itm_weight={self.itm_weight}: the ITM loss's weight, >= 0 (1: BLIP's sum)")
         if not 0.0 <= self.max_skipped_fraction <= 1.0:
             raise ValueError(f"max_skipped_fraction={self.max_skipped_fraction}: a fraction in [0, 1] (1: never fail)")
         if self.image_size is not None and self.image_size < 16:

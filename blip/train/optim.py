@@ -10,28 +10,35 @@ from .config import TrainConfig
 
 
 VISION_PREFIX = "visual_encoder."
+ITM_HEAD_PREFIX = "itm_head."
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, vision_lr_scale: float = 1.0) -> list[dict]:
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, vision_lr_scale: float = 1.0, cross_lr_scale: float = 1.0
+) -> list[dict]:
     """Decay on weight matrices; none on biases, norms, 1-D parameters, tokens and ``temp``
     (as LAVIS; the original BLIP decayed everything).
 
     ``vision_lr_scale``: the ViT's (``visual_encoder.*``) learning rate as a fraction of the
     schedule's; each group carries its ``lr_scale`` for :func:`set_lr`. BLIP starts both towers
     pre-trained; a model whose ViT is warm-started and whose text towers start from random weights
-    needs the text side faster than the ViT can take (docs/recipe.md: ITM leaves its prior only so)."""
+    needs the text side faster than the ViT can take (docs/recipe.md: ITM leaves its prior only so).
+    ``cross_lr_scale``: likewise for what only image-text matching and captioning train on top of
+    the towers — the text layers' cross-attention to the image and the ITM head."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    groups: dict[tuple[bool, bool], list] = {}
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():  # unique parameters: tied ones appear once
         if not p.requires_grad:
             continue
-        vision = vision_lr_scale != 1.0 and name.startswith(VISION_PREFIX)
-        groups.setdefault((name in skip or p.ndim <= 1, vision), []).append(p)
-    order = [(False, False), (True, False), (False, True), (True, True)]
+        scale = 1.0
+        if name.startswith(VISION_PREFIX):
+            scale = vision_lr_scale
+        elif ".crossattention." in name or name.startswith(ITM_HEAD_PREFIX):
+            scale = cross_lr_scale
+        groups.setdefault((name in skip or p.ndim <= 1, scale), []).append(p)
     return [
-        {"params": groups[k], "weight_decay": 0.0 if k[0] else weight_decay,
-         "lr_scale": vision_lr_scale if k[1] else 1.0}
-        for k in order if k in groups or not k[1]
+        {"params": ps, "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}
+        for (no_decay, scale), ps in sorted(groups.items(), key=lambda kv: (kv[0][1] != 1.0, kv[0]))
     ]
 
 

@@ -41,6 +41,12 @@ def init_distributed(device_name: str) -> None:
         torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
 
 
+def weighted_loss(losses: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
+    """What the step minimises: the sum of the job's losses, ITM's weighted by ``itm_weight``
+    (the losses it logs stay unweighted, comparable across recipes)."""
+    return sum(v * cfg.itm_weight if k == "itm" else v for k, v in losses.items())
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint32)[0])
 
@@ -83,7 +89,7 @@ def train(
         model.freeze_vision()
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.vision_lr_scale), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.vision_lr_scale, cfg.cross_lr_scale), lr=cfg.lr)
 
     micro = cfg.batch_size // (world * cfg.grad_accum_steps)
     if micro * world * cfg.grad_accum_steps != cfg.batch_size:
@@ -156,7 +162,7 @@ def train(
                 with sync:
                     with dist.train_autocast(device, bf16):
                         losses = compute_losses(cfg, ddp, batch, tok, alpha, device)
-                    (sum(losses.values()) / cfg.grad_accum_steps).backward()
+                    (weighted_loss(losses, cfg) / cfg.grad_accum_steps).backward()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum_steps
             optimizer.step()
