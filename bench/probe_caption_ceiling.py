@@ -7,7 +7,7 @@ the class token, multi-hot labels; the warm start does not keep its head) on lab
 stage has seen (``probe_vit_shape.labelled``), then reads each ``val`` image: its set of object kinds
 (colour and shape of every group) exactly right or not. The captioner captions the same images
 (``probe_captioner.caption_split``, the caption stage's worker) and the checker says whether the
-caption names the right objects. The cross-table, split by the number of object groups in the
+caption names the right objects (and, per scene size, its first error: ``first_errors``). The cross-table, split by the number of object groups in the
 scene, says where the captions fail because the image tower does not see, and where the text side
 loses what it does see. ``val`` only; one JSON line per run to ``--out`` (docs/recipe.md §0.12).
 
@@ -36,7 +36,13 @@ from blip import params as P  # noqa: E402
 from blip.checkpoint import load_model  # noqa: E402
 from blip.data.loader import make_loader  # noqa: E402
 from blip.data.transforms import normalize  # noqa: E402
-from blip.evaluate.caption_check import generator_config, objects_right, scene_of_web  # noqa: E402
+from blip.evaluate.caption_check import (  # noqa: E402
+    check_caption,
+    generator_config,
+    objects_right,
+    parse_caption,
+    scene_of_web,
+)
 from blip.machine import cpu_name  # noqa: E402
 from blip.train.warmstart import label_groups, scene_labels  # noqa: E402
 
@@ -95,16 +101,23 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         caps = caption_split(Path(args.captioner), data, "val", args.decoding, args.set, Path(tmp))
     table: Counter = Counter()
+    first_errors: Counter = Counter()
     for key, text in caps.items():
         scene = scene_of_web(key, cfg, split="val")
         cap = "caption_right" if objects_right(text, scene) else "caption_wrong"
         table[f"{len(scene.groups)}_groups/{'vit_right' if vit_right[key] else 'vit_wrong'}/{cap}"] += 1
+        label = check_caption(text, scene)[0]
+        first_errors[f"{len(scene.groups)}_groups/{label}"] += 1
+        said = parse_caption(text)
+        if label == "wrong_shape" and len(scene.groups) == 2 and said is not None and len(said.groups) == 2:
+            same = said.groups[0].shape == said.groups[1].shape  # one shape named for both groups
+            first_errors["2_groups/wrong_shape/" + ("one_shape_twice" if same else "other")] += 1
     n = len(caps)
     row = {"captioner": args.captioner, "decoding": args.decoding, "overrides": args.set, "cpu": cpu_name(),
            "held_out_exact": held_out, "n": n,
            "vit_objects_right": round(sum(vit_right[k] for k in caps) / n, 4),
            "caption_objects_right": round(sum(v for k, v in table.items() if k.endswith("/caption_right")) / n, 4),
-           "table": dict(sorted(table.items()))}
+           "table": dict(sorted(table.items())), "first_errors": dict(sorted(first_errors.items()))}
     print(json.dumps(row), flush=True)
     with open(args.out, "a") as fh:
         fh.write(json.dumps(row) + "\n")
