@@ -30,12 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from probe_captioner import caption_split  # noqa: E402
-from probe_vit_shape import labelled  # noqa: E402
+from probe_vit_shape import features, labelled  # noqa: E402
 
 from blip import params as P  # noqa: E402
 from blip.checkpoint import load_model  # noqa: E402
 from blip.data.loader import make_loader  # noqa: E402
-from blip.data.transforms import normalize  # noqa: E402
 from blip.evaluate.caption_check import (  # noqa: E402
     check_caption,
     generator_config,
@@ -45,12 +44,6 @@ from blip.evaluate.caption_check import (  # noqa: E402
 )
 from blip.machine import cpu_name  # noqa: E402
 from blip.train.warmstart import label_groups, scene_labels  # noqa: E402
-
-
-@torch.no_grad()
-def cls_features(vit, images: torch.Tensor) -> torch.Tensor:
-    vit.eval()
-    return torch.cat([vit(normalize(images[i:i + 256]))[:, 0] for i in range(0, len(images), 256)]).float()
 
 
 def fit_head(x: torch.Tensor, y: torch.Tensor, steps: int) -> torch.nn.Linear:
@@ -78,7 +71,7 @@ def main(argv=None) -> None:
     prm = P.load("params.yaml", args.set)
     vit = load_model(args.captioner).visual_encoder
     images, labels, names = labelled(args.images, prm.generate.seed, prm.generate.world)
-    feats = cls_features(vit, images)
+    feats = features(vit, images)[0]  # the class token
     n_train = args.images - 3000
     head = fit_head(feats[:n_train], labels[:n_train], args.steps)
     groups = label_groups(names)
