@@ -357,3 +357,32 @@ def test_a_locked_vit_comes_out_of_training_as_it_went_in(world, tmp_path):
         assert vit_same == (scale == 0.0), scale
         assert not torch.equal(pre.text_decoder.cls.predictions.transform.dense.weight,
                                cap.text_decoder.cls.predictions.transform.dense.weight)
+
+
+def test_a_locked_vit_on_a_deterministic_transform_sees_each_image_once_per_stage(world, tmp_path):
+    """``vision_cache_mib``: with the ViT frozen and no crop, flip or RandomAugment, pre-training
+    computes each image's tokens once (its second epoch is all hits) and trains exactly as it does
+    without the cache; a transform that moves pixels keeps the cache off."""
+    root, tok = world
+    runs = {}
+    for mib in (2048, 0):
+        tr = MemoryTracker()
+        cfg = TrainConfig(job="pretrain", epochs=2, batch_size=32, lr=1e-3, warmup_steps=5, log_every=1,
+                          vision_lr_scale=0.0, min_scale=1.0, augment=False, vision_cache_mib=mib, progress=False)
+        runs[mib] = (train(cfg, [root / "web", root / "human"], tmp_path / f"pre{mib}", model_cfg=_tiny(tok),
+                           tokenizer=tok, tracker=tr), tr.history("train/loss"))
+    (cached, loss_cached), (plain, loss_plain) = runs[2048], runs[0]
+    assert plain["vision_cache"] is None
+    c = cached["vision_cache"]
+    rows = cached["steps"] * 32
+    assert c["hits"] + c["misses"] == rows
+    assert c["misses"] <= 320 + 64 and c["images"] == c["misses"] and not c["full"]  # 384 images, 640 pairs an epoch
+    assert c["hits"] >= rows - (320 + 64)  # every second-epoch row, and the repeats of a human image
+    torch.testing.assert_close(torch.tensor(loss_cached), torch.tensor(loss_plain), rtol=1e-4, atol=1e-4)
+    a, b = load_model(tmp_path / "pre2048").state_dict(), load_model(tmp_path / "pre0").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
+
+    cfg = TrainConfig(job="pretrain", epochs=1, batch_size=32, max_steps=2, vision_lr_scale=0.0, min_scale=0.5,
+                      augment=False, progress=False)
+    assert train(cfg, [root / "human"], tmp_path / "crop", model_cfg=_tiny(tok), tokenizer=tok)["vision_cache"] is None

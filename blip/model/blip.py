@@ -17,6 +17,7 @@ from torch import nn
 from .. import dist
 from . import losses
 from .config import ITM_NEGATIVES, BlipConfig, GenerationConfig
+from .embed_cache import ImageEmbedCache
 from .generation import generate
 from .med import Role, TextDecoder, TextTransformer, init_bert_weights
 from .sharing import tie_text_towers
@@ -36,8 +37,20 @@ class BlipBase(nn.Module):
         """``(B, 3, H, W)`` → image tokens ``(B, 1 + N, D_v)``."""
         if self.vision_frozen:
             with torch.no_grad():
-                return self.visual_encoder(image)
+                cache = getattr(self, "_image_cache", None)
+                return self.visual_encoder(image) if cache is None else cache(image, self.visual_encoder)
         return self.visual_encoder(image)
+
+    def cache_image_embeds(self, max_bytes: int) -> ImageEmbedCache:
+        """Memoise the frozen ViT's tokens by image content from now on (:mod:`.embed_cache`):
+        for training on a deterministic transform, where every epoch shows the ViT the same pixels."""
+        if not self.vision_frozen:
+            raise ValueError("cache_image_embeds: the ViT trains (freeze_vision first); its tokens change every step")
+        if self.cfg.vision.drop_path_rate > 0:
+            raise ValueError(f"cache_image_embeds: the ViT's drop_path_rate={self.cfg.vision.drop_path_rate} makes its "
+                             "training-mode tokens random; set it to 0 or do not cache")
+        self._image_cache = ImageEmbedCache(max_bytes)
+        return self._image_cache
 
     @property
     def vision_frozen(self) -> bool:

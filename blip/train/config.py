@@ -53,6 +53,7 @@ class TrainConfig:
     vision_lr_scale: float = 1.0  # the ViT's lr as a fraction of lr (a warm ViT beside text towers from scratch); 0: frozen
     cross_lr_scale: float = 1.0  # the cross-attention layers' and the ITM head's lr as a multiple of lr
     itm_weight: float = 1.0  # the ITM loss's weight in the sum of the job's losses (BLIP: 1)
+    vision_cache_mib: int = 2048  # a frozen ViT on a deterministic transform: its tokens computed once per image (0: off)
     min_lr: float = 1e-6
     warmup_lr: float = 1e-6
     warmup_steps: int = 3000  # linear warm-up in epoch 0 (step schedule)
@@ -102,6 +103,8 @@ class TrainConfig:
         if not 0.0 < self.cross_lr_scale <= 100.0:
             raise ValueError(f"cross_lr_scale={self.cross_lr_scale}: the cross-attention's and ITM head's lr "
                              "as a multiple of lr, in (0, 100]")
+        if self.vision_cache_mib < 0:
+            raise ValueError(f"vision_cache_mib={self.vision_cache_mib}: MiB of frozen-ViT tokens kept, >= 0 (0: off)")
         if self.itm_weight < 0:
             raise ValueError(f"itm_weight={self.itm_weight}: the ITM loss's weight, >= 0 (1: BLIP's sum)")
         if not 0.0 <= self.max_skipped_fraction <= 1.0:

@@ -87,6 +87,10 @@ def train(
     model.to(device)
     if cfg.vision_lr_scale == 0:
         model.freeze_vision()
+    image_cache = None
+    if (model.vision_frozen and cfg.vision_cache_mib and cfg.min_scale >= 1.0 and not cfg.augment
+            and model.cfg.vision.drop_path_rate == 0):  # every epoch shows the locked ViT the same pixels
+        image_cache = model.cache_image_embeds(cfg.vision_cache_mib * 2**20)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.vision_lr_scale, cfg.cross_lr_scale), lr=cfg.lr)
@@ -204,6 +208,7 @@ def train(
         "pairs_per_s": round(steps_timed * cfg.batch_size / elapsed, 2) if steps_timed else None,
         "seconds": round(elapsed, 2),
         "loader": {k: v for k, v in loader.stats.to_dict().items() if k != "named"},  # names: data_report.json
+        "vision_cache": image_cache.stats() if image_cache is not None else None,
     }
     if main:
         save_model(model, out_dir, tokenizer=tok, metadata={"job": cfg.job, "train": cfg.to_dict()})
