@@ -162,6 +162,24 @@ def test_tar_reader_reports_damage_instead_of_ending_quietly(broken, tmp_path):
     assert isinstance(items[1], ShardEnd) and items[1].error is None
 
 
+def test_tar_reader_closed_early_closes_its_file_even_at_interpreter_exit(tmp_path, monkeypatch):
+    """A loader left open until interpreter exit is closed during module teardown, when the
+    modules the reader's ``except`` clauses name may already be ``None``: closing must still
+    close the file and raise nothing (it printed "Exception ignored ... TypeError" before)."""
+    import blip.data.tario as tario
+
+    write_tar(str(tmp_path / "two.tar"), [("a.txt", b"x"), ("b.txt", b"y")])
+    opened = []
+    real_open = tario.open_shard
+    monkeypatch.setattr(tario, "open_shard", lambda url: opened.append(real_open(url)) or opened[-1])
+    gen = tario.iter_shard_samples(str(tmp_path / "two.tar"))
+    assert next(gen).key == "a"
+    monkeypatch.setattr(tario, "zlib", None)  # what module teardown leaves
+    monkeypatch.setattr(tario, "gzip", None)
+    gen.close()
+    assert opened and opened[0].closed
+
+
 def test_downscaled_image_keeps_aspect_ratio(broken):
     from blip.data.decode import decode_sample
     from blip.data.stats import LoaderStats

@@ -229,6 +229,8 @@ def iter_shard_samples(url: str, want: set[str] | None = None) -> Iterator[RawSa
             exts.add(ext)
             if want is None or ext in want:
                 current.fields[ext] = data
+    except GeneratorExit:  # closed early (or at interpreter exit, when ``zlib``/``gzip`` may already be gone)
+        raise
     except (zlib.error, gzip.BadGzipFile) as e:  # damaged compressed data, gzip CRC mismatch
         error, detail = "corrupt_tar", f"{type(e).__name__}: {e}"
     except (OSError, EOFError) as e:  # cut gzip stream, pipe failures
