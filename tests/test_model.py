@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers_model import micro_config, perturb_, text_inputs
 
 from blip.checkpoint import load_model, save_model
@@ -292,8 +293,9 @@ def test_training_sections_set_the_models_itm_negatives(tmp_path):
     assert isinstance(model, BlipPretrain) and model.itm_negatives == "below_positive"
     save_model(model, tmp_path / "pre")
     for job, cls in (("finetune_filter", BlipRetrieval), ("finetune_shared", BlipPretrain)):
-        model, _ = build_model(TrainConfig(job=job, itm_negatives="uniform"), tmp_path / "pre", None, tok)
-        assert isinstance(model, cls) and model.itm_negatives == "uniform"
+        model, _ = build_model(TrainConfig(job=job, itm_negatives="uniform", itm_negatives_per_pair=2),
+                               tmp_path / "pre", None, tok)
+        assert isinstance(model, cls) and model.itm_negatives == "uniform" and model.itm_negatives_per_pair == 2
 
 
 def _itm_negative_texts(model, image, ids, mask, idx):
@@ -362,6 +364,61 @@ def test_hard_negatives_fall_back_when_a_row_has_no_negative():
 
 def test_itm_batch_layout_labels():
     assert losses.itm_labels(2, "cpu").tolist() == [1, 1, 0, 0, 0, 0]
+    assert losses.itm_labels(2, "cpu", per_pair=2).tolist() == [1, 1] + [0] * 8
+
+
+def test_itm_with_k_negatives_per_pair_keeps_blips_class_balance():
+    """``itm_negatives_per_pair: k``: each negative weighs 1/k, so a head that outputs the same
+    logits for every row has BLIP's loss at any k, and k = 1 is BLIP's plain mean."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2).expand(2 + 2 * 2 * 3, 2)  # B = 2, k = 3: the same row everywhere
+    blip_layout = logits[: 2 + 2 * 2]
+    assert torch.allclose(losses.itm_cross_entropy(logits, 2, 3), losses.itm_cross_entropy(blip_layout, 2, 1))
+    free = torch.randn(6, 2)
+    assert torch.equal(losses.itm_cross_entropy(free, 2), F.cross_entropy(free, losses.itm_labels(2, "cpu")))
+    # k distinct draws where a row has k admissible columns; with replacement where it has fewer
+    w = torch.ones(4, 6).fill_diagonal_(0)
+    draws = losses.sample_hard_negatives(w, torch.Generator().manual_seed(0), k=3)
+    assert draws.shape == (4, 3) and all(len(set(r.tolist())) == 3 for r in draws)
+    assert not (draws == torch.arange(4).view(-1, 1)).any()
+    w[0] = 0
+    w[0, 5] = 1.0  # one admissible column
+    assert losses.sample_hard_negatives(w, torch.Generator().manual_seed(0), k=3)[0].tolist() == [5, 5, 5]
+
+
+def test_itm_scores_k_negatives_of_each_kind_per_positive():
+    """A forward with ``itm_negatives_per_pair = 3`` scores (1 + 2*3) rows per sample through the
+    image-grounded encoder: the positives, 3 other images per text, 3 other texts per image
+    (never the sample's own), and trains; ``TrainConfig`` rejects k < 1."""
+    from blip.train.config import TrainConfig
+
+    torch.manual_seed(0)
+    cfg = micro_config()
+    model = BlipRetrieval(cfg)
+    model.itm_negatives, model.itm_negatives_per_pair = "uniform", 3
+    image = torch.randn(5, 3, cfg.vision.image_size, cfg.vision.image_size)
+    ids, mask = text_inputs(5, 8, seed=3)
+    seen = []
+
+    def grab(_module, args, kwargs):
+        if (args[2] if len(args) > 2 else kwargs.get("role")) == Role.ENCODER:
+            seen.append((args[0].clone(), kwargs.get("image_index")))
+
+    handle = model.text_encoder.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        out = model(image, ids, mask, idx=torch.arange(5))
+    finally:
+        handle.remove()
+    ((itm_ids, image_index),) = seen
+    assert itm_ids.shape[0] == 5 * 7 and torch.isfinite(out["itm"]) and out["itm"].requires_grad
+    own = torch.arange(5)
+    neg_images = image_index[5:20].view(3, 5)  # the k-th draw of every text, k = 0..2
+    assert not (neg_images == own).any() and all(len(set(c.tolist())) == 3 for c in neg_images.T)
+    neg_texts = itm_ids[20:].view(3, 5, -1)
+    for k in range(3):
+        assert not any(torch.equal(neg_texts[k, b], ids[b]) for b in range(5))
+    with pytest.raises(ValueError, match="itm_negatives_per_pair=0: negatives of each kind per positive"):
+        TrainConfig(itm_negatives_per_pair=0)
 
 
 # -- LM: label smoothing and prompt masking -----------------------------------------------------

@@ -354,12 +354,13 @@ class MomentumITC(BlipBase):
 
         ``weights_t2i[b]`` is the sampling distribution over images for text ``b`` (zero at its
         positives); ``weights_i2t`` likewise over texts: the batch's, or ``text_candidates``
-        ``(ids, mask)`` (:meth:`MomentumITC.itm_text_candidates`). One negative of each kind per sample.
+        ``(ids, mask)`` (:meth:`MomentumITC.itm_text_candidates`). ``itm_negatives_per_pair``
+        negatives of each kind per sample (BLIP: one), weighed by :func:`losses.itm_cross_entropy`.
         """
-        B = input_ids.shape[0]
+        B, K = input_ids.shape[0], self.itm_negatives_per_pair
         with torch.no_grad():
-            neg_img = losses.sample_hard_negatives(weights_t2i)  # (B,) image index per text
-            neg_txt = losses.sample_hard_negatives(weights_i2t)  # (B,) text index per image
+            neg_img = _by_draw(losses.sample_hard_negatives(weights_t2i, k=K))  # (K*B,) image index per text
+            neg_txt = _by_draw(losses.sample_hard_negatives(weights_i2t, k=K))  # (K*B,) text index per image
         if text_candidates is None:
             neg_ids, neg_mask = input_ids[neg_txt], attention_mask[neg_txt]
         else:
@@ -367,15 +368,18 @@ class MomentumITC(BlipBase):
             width = max(input_ids.shape[1], int(neg_mask.sum(1).max()))
             input_ids, attention_mask = _pad_cols(input_ids, width), _pad_cols(attention_mask, width)
             neg_ids, neg_mask = neg_ids[:, :width], neg_mask[:, :width].to(attention_mask.dtype)  # candidates: >= width
-        ids = torch.cat([input_ids, input_ids, neg_ids])
-        mask = torch.cat([attention_mask, attention_mask, neg_mask])
+        ids = torch.cat([input_ids, input_ids.repeat(K, 1), neg_ids])
+        mask = torch.cat([attention_mask, attention_mask.repeat(K, 1), neg_mask])
         rows = torch.arange(B, device=ids.device)
-        logits = self.itm_logits(image_embeds, ids, mask, torch.cat([rows, neg_img, rows]))  # (3B, 2)
-        return F.cross_entropy(logits.float(), losses.itm_labels(B, logits.device))
+        logits = self.itm_logits(image_embeds, ids, mask, torch.cat([rows, neg_img, rows.repeat(K)]))  # ((1+2K)B, 2)
+        return losses.itm_cross_entropy(logits, B, K)
 
     #: ``itm_negatives`` (``config.ITM_NEGATIVES``): a training choice, not architecture, so it is
     #: not in the checkpoint's config; the trainer sets it from its section of params.yaml
     itm_negatives: str = "hard"
+    #: ``itm_negatives_per_pair``: negatives of each kind ITM scores per positive (BLIP: 1); a
+    #: training choice like ``itm_negatives``
+    itm_negatives_per_pair: int = 1
 
     def negative_weights(
         self, sim: torch.Tensor, positive: torch.Tensor, eps: float = 1e-4, own: slice | None = None
@@ -520,6 +524,11 @@ class BlipRetrieval(MomentumITC):
         rows = torch.arange(B, device=ids.device)
         logits = self.itm_logits(imgs, ids, mask, torch.cat([rows, B + neg_img, rows]))
         return F.cross_entropy(logits.float(), losses.itm_labels(B, logits.device))
+
+
+def _by_draw(drawn: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` or ``(B, K)`` drawn indices as ``(K*B,)``: every row's first draw, then every row's second..."""
+    return drawn if drawn.dim() == 1 else drawn.T.reshape(-1)
 
 
 class BlipCaptioner(CaptionMixin, BlipBase):

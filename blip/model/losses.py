@@ -65,8 +65,11 @@ def idx_targets(idx: torch.Tensor, idx_all: torch.Tensor) -> torch.Tensor:
     return pos / pos.sum(1, keepdim=True)
 
 
-def sample_hard_negatives(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """For each row, draw one column index from ``weights`` (zero weight = never drawn).
+def sample_hard_negatives(
+    weights: torch.Tensor, generator: torch.Generator | None = None, k: int = 1
+) -> torch.Tensor:
+    """For each row, draw one column index from ``weights`` (zero weight = never drawn); with
+    ``k > 1``, ``k`` of them ``(B, k)``, distinct wherever the row has ``k`` admissible columns.
 
     ``weights`` must already be zero at each row's positives (the diagonal, or every column of
     the same image). A row with no admissible column falls back to a uniform draw over
@@ -81,7 +84,12 @@ def sample_hard_negatives(weights: torch.Tensor, generator: torch.Generator | No
         if n > 1:
             fallback[torch.arange(len(rows)), rows.clamp(max=n - 1)] = 0
         weights[empty] = fallback
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    if k == 1:
+        return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    if int((weights > 0).sum(1).min()) >= k:
+        return torch.multinomial(weights, k, replacement=False, generator=generator)
+    # some row has fewer than k admissible columns: draw each of the k with replacement
+    return torch.multinomial(weights, k, replacement=True, generator=generator)
 
 
 def hard_negative_weights(sim: torch.Tensor, positive_mask: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -115,9 +123,23 @@ def itm_negative_weights(
     raise ValueError(f"itm_negatives={kind!r} unknown; use one of {ITM_NEGATIVES}")
 
 
-def itm_labels(batch: int, device: torch.device) -> torch.Tensor:
-    """Labels for the ``[pos (B); text+neg image (B); neg text+image (B)]`` ITM batch layout."""
-    return torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]).to(device)
+def itm_labels(batch: int, device: torch.device, per_pair: int = 1) -> torch.Tensor:
+    """Labels for the ``[pos (B); text+neg image (kB); neg text+image (kB)]`` ITM batch layout
+    (``k = per_pair``; BLIP's is ``k = 1``)."""
+    return torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * per_pair * batch, dtype=torch.long)]).to(device)
+
+
+def itm_cross_entropy(logits: torch.Tensor, batch: int, per_pair: int = 1) -> torch.Tensor:
+    """ITM's loss over the :func:`itm_labels` layout. With ``per_pair`` negatives of each kind per
+    positive, each negative weighs ``1 / per_pair``: a positive still faces two negatives' worth of
+    weight, as in BLIP, so the head's prior (its calibration at p = 0.5) stays BLIP's while each
+    step shows it ``2 * per_pair`` different negatives. ``per_pair = 1`` is BLIP's plain mean."""
+    labels = itm_labels(batch, logits.device, per_pair)
+    if per_pair == 1:
+        return F.cross_entropy(logits.float(), labels)
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    w = torch.cat([ce.new_ones(batch), ce.new_full((2 * per_pair * batch,), 1.0 / per_pair)])
+    return (ce * w).sum() / w.sum()
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:

@@ -70,6 +70,7 @@ class TrainConfig:
     negative_all_rank: bool = False  # retrieval ITM negatives from every rank (COCO: True)
     itm_negatives: str = "hard"  # hard (BLIP's) | uniform | below_positive: how ITM draws its negatives (model/losses.py)
     itm_negatives_from: str = "batch"  # batch (BLIP's) | queue: negative texts also from the ITC queue's (retrieval jobs)
+    itm_negatives_per_pair: int = 1  # ITM negatives of each kind per positive (BLIP: 1), each weighing 1/k
     bf16: bool | str = False  # autocast matmuls to bfloat16; auto = where the device does bf16 natively
     grad_checkpointing: bool = False
     seed: int = 0
@@ -97,6 +98,12 @@ class TrainConfig:
         if self.itm_negatives_from != "batch" and JOBS[self.job].objective != "retrieval":
             raise ValueError(f"itm_negatives_from={self.itm_negatives_from!r}: only the filter's fine-tune "
                              f"(a retrieval job) draws ITM negatives from the queue; {self.job!r} takes 'batch'")
+        if self.itm_negatives_per_pair < 1:
+            raise ValueError(f"itm_negatives_per_pair={self.itm_negatives_per_pair}: negatives of each kind per "
+                             "positive, >= 1 (1: BLIP's)")
+        if self.itm_negatives_per_pair > 1 and self.negative_all_rank:
+            raise ValueError("itm_negatives_per_pair > 1 draws from this rank's batch; set negative_all_rank: false "
+                             "(or itm_negatives_per_pair: 1)")
         if not 0.0 <= self.vision_lr_scale <= 10.0:
             raise ValueError(f"vision_lr_scale={self.vision_lr_scale}: the ViT's lr as a fraction of lr, in [0, 10] "
                              "(0: the ViT frozen)")

@@ -25,6 +25,7 @@ def build_model(
     if hasattr(model, "itm_negatives"):  # models that train ITM (pre-training, filter, shared)
         model.itm_negatives = cfg.itm_negatives
         model.itm_negatives_from = cfg.itm_negatives_from
+        model.itm_negatives_per_pair = cfg.itm_negatives_per_pair
     return model, tok
 
 
