@@ -421,6 +421,28 @@ def test_itm_scores_k_negatives_of_each_kind_per_positive():
         TrainConfig(itm_negatives_per_pair=0)
 
 
+def test_all_rank_itm_on_one_rank_is_the_local_itm():
+    """``negative_all_rank`` gathers every rank's batch before the draw; on one rank the gathered
+    batch is the local one, so with the same draws its ITM loss is the local path's, exactly."""
+    torch.manual_seed(0)
+    cfg = micro_config()
+    model = perturb_(BlipRetrieval(cfg, negative_all_rank=True)).eval()
+    image = _img(4, cfg.vision.image_size, seed=1)
+    ids, mask = text_inputs(4, 8, seed=2)
+    idx = torch.tensor([0, 1, 1, 2]).view(-1, 1)  # two texts of image 1: never each other's negative
+    with torch.no_grad():
+        image_embeds = model.encode_image(image)
+        image_feat, text_feat = model.image_features(image_embeds), model.text_features(ids, mask)
+        torch.manual_seed(7)
+        gathered = model._itm_all_rank(image_embeds, image_feat, text_feat, ids, mask, idx)
+        same = idx == idx.T
+        w_t2i = model.negative_weights(text_feat @ image_feat.T / model.temp, same, eps=0)
+        w_i2t = model.negative_weights(image_feat @ text_feat.T / model.temp, same, eps=0)
+        torch.manual_seed(7)
+        local = model.itm_loss(image_embeds, ids, mask, w_t2i, w_i2t)
+    assert torch.isfinite(gathered) and torch.allclose(gathered, local, atol=1e-6)
+
+
 # -- LM: label smoothing and prompt masking -----------------------------------------------------
 def test_lm_loss_masks_prompt_and_padding_and_smooths_labels():
     ids = torch.tensor([[2, 10, 11, 12, 40, 41, 3, 0]])

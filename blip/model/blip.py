@@ -523,7 +523,7 @@ class BlipRetrieval(MomentumITC):
         imgs = torch.cat([image_embeds, image_embeds_w])  # local rows first, then every rank's
         rows = torch.arange(B, device=ids.device)
         logits = self.itm_logits(imgs, ids, mask, torch.cat([rows, B + neg_img, rows]))
-        return F.cross_entropy(logits.float(), losses.itm_labels(B, logits.device))
+        return losses.itm_cross_entropy(logits, B)
 
 
 def _by_draw(drawn: torch.Tensor) -> torch.Tensor:

@@ -84,20 +84,16 @@ def sample_hard_negatives(
         if n > 1:
             fallback[torch.arange(len(rows)), rows.clamp(max=n - 1)] = 0
         weights[empty] = fallback
-    if k == 1:
-        return torch.multinomial(weights, 1, generator=generator).squeeze(1)
-    if int((weights > 0).sum(1).min()) >= k:
-        return torch.multinomial(weights, k, replacement=False, generator=generator)
-    # some row has fewer than k admissible columns: draw each of the k with replacement
-    return torch.multinomial(weights, k, replacement=True, generator=generator)
+    # without replacement (distinct draws) wherever every row has k admissible columns
+    replacement = k > 1 and int((weights > 0).sum(1).min()) < k
+    drawn = torch.multinomial(weights, k, replacement=replacement, generator=generator)
+    return drawn.squeeze(1) if k == 1 else drawn
 
 
 def hard_negative_weights(sim: torch.Tensor, positive_mask: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """``softmax(sim) + eps`` with positives zeroed (pre-training uses eps=1e-4, retrieval 0)."""
     w = F.softmax(sim.float(), dim=1) + eps
     return w.masked_fill(positive_mask, 0)
-
-
 
 
 def itm_negative_weights(
