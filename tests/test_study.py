@@ -94,13 +94,16 @@ def test_summary_pairs_seeds_and_judges_each_claim():
     for seed in (0, 1, 2):
         rows += [{"cell": "both", "seed": seed, "metrics": {"test/r_mean": 50 + seed, "dataset/noise_ratio": 0.3}},
                  {"cell": "beam", "seed": seed, "metrics": {"test/r_mean": 45 + seed, "dataset/noise_ratio": 0.2}},
-                 {"cell": "itc", "seed": seed, "metrics": {"test/r_mean": 49 + seed}}]
+                 {"cell": "itc", "seed": seed, "metrics": {"test/r_mean": 49 + seed}},
+                 {"cell": "baseline", "seed": seed, "metrics": {"test/r_mean": 40 + 2 * seed}}]
     s = summarize(rows, ["2", "datacomp"])
     assert s["cells"]["both"]["test/r_mean"] == [50, 51, 52]
     by = {(c["better"], c["worse"], c["metric"]): c for c in s["comparisons"]}
     assert by[("both", "beam", "test/r_mean")]["diffs"] == [5, 5, 5]
     assert by[("both", "beam", "test/r_mean")]["verdict"] == "reproduced"  # the same +5 on every seed
     assert by[("both", "itc", "test/r_mean")]["verdict"] == "compare"
+    assert by[("beam", "baseline", "test/r_mean")]["diffs"] == [5, 4, 3]  # the default run's decoding, too
+    assert by[("beam", "filter", "test/r_mean")]["verdict"] == "not run"  # Table 1's filter cell: no rows here
 
 
 def _ranks(txt_ranks, n_img=100):
@@ -236,7 +239,7 @@ def test_smoke_study_runs_dvc_experiments_and_writes_the_tables(tmp_path):
     p = run([sys.executable, "-m", "blip.study", "--size", "smoke", "--tables", "2", "--seeds", "0",
              "--root", str(repo)], repo, timeout=1500)
     rows = [json.loads(line) for line in (repo / "study/results.jsonl").read_text().splitlines()]
-    assert sorted(r["cell"] for r in rows) == ["beam", "both"]
+    assert sorted(r["cell"] for r in rows) == ["baseline", "beam", "both"]  # baseline: both's other side
     assert len({r["experiment"] for r in rows}) == 2
     beam = next(r for r in rows if r["cell"] == "beam")
     assert beam["sets"]["capfilt.decoding"] == "beam" and "dataset/noise_ratio" in beam["metrics"]
