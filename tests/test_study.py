@@ -180,7 +180,8 @@ def test_the_ceiling_table_reports_the_share_of_the_oracle_gain_capfilt_reaches(
         rows += [{"cell": "baseline", "seed": seed, "metrics": {"test/r_mean": base, "zeroshot/r_mean": base}},
                  {"cell": "equal-steps", "seed": seed, "metrics": {"test/r_mean": both}},
                  {"cell": "oracle", "seed": seed, "metrics": {"test/r_mean": oracle, "zeroshot/r_mean": oracle + 1}},
-                 {"cell": "clean", "seed": seed, "metrics": {"test/r_mean": oracle + 2}}]
+                 {"cell": "clean", "seed": seed, "metrics": {"test/r_mean": oracle + 2}},
+                 {"cell": "none-steps", "seed": seed, "metrics": {"test/r_mean": base + 0.5}}]
     s = summarize(rows, ["ceiling"])
     share = s["oracle_share"]
     assert [x["metric"] for x in share] == ["test/r_mean"]  # zero-shot: no "equal-steps" numbers
@@ -189,7 +190,9 @@ def test_the_ceiling_table_reports_the_share_of_the_oracle_gain_capfilt_reaches(
     assert by[("oracle", "baseline", "test/r_mean")]["diffs"] == [8.0, 4.0]
     assert by[("clean", "baseline", "test/r_mean")]["diffs"] == [10.0, 6.0]
     assert by[("oracle", "equal-steps", "test/r_mean")]["diffs"] == [6.0, 3.0]
-    assert by[("oracle", "none-steps", "test/r_mean")]["verdict"] == "not run"
+    assert by[("oracle", "none-steps", "test/r_mean")]["diffs"] == [7.5, 3.5]
+    assert by[("equal-steps", "none-steps", "test/r_mean")]["diffs"] == [1.5, 0.5]  # CapFilt at the same steps
+    assert by[("oracle", "none-steps", "zeroshot/r_mean")]["verdict"] == "not run"  # no zero-shot none-steps
     assert "oracle_share" not in summarize(rows, ["1"])
 
 
