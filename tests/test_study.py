@@ -259,7 +259,7 @@ def test_smoke_study_runs_dvc_experiments_and_writes_the_tables(tmp_path):
     again = run([sys.executable, "-m", "blip.study", "--size", "smoke", "--tables", "2", "--seeds", "0",
                  "--root", str(repo), "--no-mlflow"], repo, timeout=600)
     assert not [line for line in again.stdout.splitlines() if line.startswith("+ ")]  # no dvc command
-    assert len((repo / "study/results.jsonl").read_text().splitlines()) == 2
+    assert len((repo / "study/results.jsonl").read_text().splitlines()) == len(rows) == 3
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
@@ -273,8 +273,8 @@ def test_smoke_study_runs_dvc_experiments_and_writes_the_tables(tmp_path):
     t3 = run([sys.executable, "-m", "blip.study", "--size", "smoke", "--tables", "3", "--cells", "sa", "all",
               "--seeds", "0", "--root", str(repo), "--no-mlflow"], repo, timeout=1500)
     rows = {r["cell"]: r for r in map(json.loads, (repo / "study/results.jsonl").read_text().splitlines())}
-    assert set(rows) == {"both", "beam", "sa", "all"}
-    assert rows["sa"]["experiment"] == rows["both"]["experiment"]  # BLIP's sharing: the default run, reused
+    assert set(rows) == {"both", "beam", "baseline", "sa", "all"}
+    assert rows["sa"]["experiment"] == rows["both"]["experiment"] == rows["baseline"]["experiment"]  # reused
     assert rows["all"]["experiment"].endswith("-baseline") and "test/r_mean" in rows["all"]["metrics"]
     assert rows["all"]["sets"]["model.sharing"] == "all" and "capfilt" not in rows["all"]["both_sides"]
     assert "Running stage 'pretrain'" in t3.stdout and "Running stage 'repretrain'" not in t3.stdout
